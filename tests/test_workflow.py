@@ -1,0 +1,143 @@
+"""The workflow as a user drives it: config validation, the DAG, an end-to-end run, no-op reruns,
+one-seed reruns and figure-only rebuilds (issues 2, 4, 5)."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from conftest import REPO, snakemake, tiny_config
+
+STAGES = ["corpus", "tokenizer", "token_cache", "base_cache", "code_tokenizer", "code_cache", "data_stats",
+          "train", "sample", "judge", "metrics", "real_reference", "vlb", "summary", "tables", "figures"]
+
+
+def _write(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def _job_counts(out: str) -> dict[str, int]:
+    """The 'Job stats' table of a snakemake run as {rule: count} (empty when nothing ran)."""
+    if "Job stats:" not in out:
+        return {}
+    counts = {}
+    for line in out.split("Job stats:")[1].splitlines()[3:]:
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            break
+        if parts[0] != "total":
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def test_dry_run_lists_every_stage(tmp_path):
+    out = snakemake("-n", "--cores", "2", "all", cwd=tmp_path).stdout
+    counts = _job_counts(out)
+    for stage in STAGES:
+        assert counts.get(stage, 0) >= 1, f"stage {stage} missing from the DAG: {counts}"
+    # 2 runs x 1 model x 4 specs x 3 seeds
+    assert counts["sample"] == 24 and counts["metrics"] == 24
+
+
+@pytest.mark.parametrize(
+    "mutate, needle",
+    [
+        (lambda c: c["runs"]["lm1b_web"].__setitem__("tokenizr", {}), "tokenizr"),
+        (lambda c: c["runs"]["lm1b_web"].__setitem__("bits", "eleven"), "eleven"),
+        (lambda c: c["sampler_specs"]["det_nfe16"].__setitem__("sampler", "euler_magic"), "euler_magic"),
+        (lambda c: c["runs"]["owt_web"].__setitem__("specs", ["no_such_spec"]), "no_such_spec"),
+        (lambda c: c["models"]["sdt_tiny"]["training"].__setitem__("lr", -1.0), "lr"),
+    ],
+    ids=["unknown-key", "wrong-type", "bad-enum", "undefined-spec", "negative-lr"],
+)
+def test_bad_config_stops_with_the_key_named(tmp_path, default_config, mutate, needle):
+    mutate(default_config)
+    cfg = _write(tmp_path / "bad.yaml", default_config)
+    proc = snakemake("-n", "--cores", "1", "--configfile", str(cfg), cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert needle in proc.stdout + proc.stderr
+
+
+def test_configfile_replaces_the_default(tmp_path, default_config):
+    del default_config["runs"]["owt_web"]
+    cfg = _write(tmp_path / "one_run.yaml", default_config)
+    out = snakemake("-n", "--cores", "1", "--configfile", str(cfg), "all", cwd=tmp_path).stdout
+    assert "owt_web" not in out and "lm1b_web" in out
+
+
+def test_command_line_override(tmp_path):
+    out = snakemake("-n", "--cores", "1", "--config", "seeds=[7]", "all", cwd=tmp_path).stdout
+    assert "seed7.parquet" in out and "seed0.parquet" not in out
+
+
+# ---------------------------------------------------------------------------------------------
+# One end-to-end run of the whole pipeline on a tiny config, shared by the tests below.
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory):
+    work = tmp_path_factory.mktemp("e2e")
+    cfg = _write(work / "tiny.yaml", tiny_config())
+    t0 = time.monotonic()
+    snakemake("--cores", "2", "--configfile", str(cfg), "all", cwd=work, timeout=1200)
+    print(f"end-to-end tiny run: {time.monotonic() - t0:.1f} s")
+    return work, cfg
+
+
+@pytest.mark.slow
+def test_end_to_end_outputs(e2e):
+    work, _ = e2e
+    res = work / "results"
+    for run in ("lm1b_web", "owt_web"):
+        summary = pd.read_parquet(res / run / "summary.parquet")
+        assert len(summary) > 0
+        for seed in (0, 1):
+            m = pd.read_parquet(res / run / "metrics" / "sdt_tiny" / "det_nfe16" / f"seed{seed}.parquet")
+            for col in ("gen_ppl", "entropy", "nfe", "gamma", "code_version", "config_hash", "seed"):
+                assert col in m.columns, f"{col} missing in metrics of {run}"
+        assert (res / run / "metrics" / "data_stats.parquet").exists()
+        for t in ("pdf", "cdf", "sigmas", "edges"):
+            assert (res / run / "models" / "sdt_tiny" / "entropy" / f"entropy_{t}.pt").exists()
+    for ext in ("md", "csv", "tex"):
+        assert (res / "tables" / f"table1.{ext}").stat().st_size > 0
+    for png in (res / "figures").glob("*.png"):
+        assert png.stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_rerun_is_a_no_op(e2e):
+    work, cfg = e2e
+    out = snakemake("-n", "--cores", "2", "--configfile", str(cfg), "all", cwd=work).stdout
+    assert "Nothing to be done" in out, out[-3000:]
+
+
+@pytest.mark.slow
+def test_deleting_one_seed_reruns_that_seed_only(e2e):
+    work, cfg = e2e
+    target = work / "results" / "lm1b_web" / "samples" / "sdt_tiny" / "sto_nfe64_g010" / "seed1.parquet"
+    before = pd.read_parquet(target)
+    target.unlink()
+    out = snakemake("--cores", "2", "--configfile", str(cfg), str(target.relative_to(work)), cwd=work).stdout
+    jobs = _job_counts(out)
+    assert jobs == {"sample": 1}, jobs
+    after = pd.read_parquet(target)
+    # the seed alone decides the samples
+    assert before["text"].tolist() == after["text"].tolist()
+    assert before["model_ids"].map(list).tolist() == after["model_ids"].map(list).tolist()
+
+
+@pytest.mark.slow
+def test_editing_plot_code_redraws_figures_only(e2e):
+    work, cfg = e2e
+    snakemake("--cores", "2", "--configfile", str(cfg), "all", cwd=work)
+    figures_py = REPO / "bitstream" / "figures.py"
+    now = time.time()
+    os.utime(figures_py, (now, now))
+    out = snakemake("-n", "--cores", "2", "--configfile", str(cfg), "all", cwd=work).stdout
+    assert set(_job_counts(out)) <= {"figures", "all"}, out[-3000:]

@@ -1,0 +1,198 @@
+# Helpers shared by every rule file: config cross-checks, target lists, command-line arguments
+# and cluster resources. Rules stay thin; anything with logic lives here.
+import json
+import shlex
+import sys
+from pathlib import Path
+
+PY = shlex.quote(sys.executable)
+RESULTS = "results"
+RUNS = config["runs"]
+SEEDS = config["seeds"]
+
+
+def _check_references():
+    """Fail fast, naming the key, when a run refers to a model, spec or judge that is not defined."""
+    problems = []
+    for run, rc in RUNS.items():
+        for m in rc["models"]:
+            if m not in config["models"]:
+                problems.append(f"runs.{run}.models: '{m}' is not defined under models: ({', '.join(config['models'])})")
+        for s in rc["specs"]:
+            if s not in config["sampler_specs"]:
+                problems.append(f"runs.{run}.specs: '{s}' is not defined under sampler_specs: ({', '.join(config['sampler_specs'])})")
+        if rc["judge"] not in config["judges"]:
+            problems.append(f"runs.{run}.judge: '{rc['judge']}' is not defined under judges: ({', '.join(config['judges'])})")
+        if rc["style"] == "owt" and rc["base_seq_len"] < 3:
+            problems.append(f"runs.{run}.base_seq_len: must be >= 3 for OWT framing, got {rc['base_seq_len']}")
+    if problems:
+        raise ValueError("config: " + "; ".join(problems))
+
+
+_check_references()
+
+
+def _names_regex(names):
+    import re
+
+    return "|".join(re.escape(n) for n in names) or "(?!x)x"
+
+
+LM1B_RUNS = _names_regex(r for r, rc in RUNS.items() if rc["style"] == "lm1b")
+OWT_RUNS = _names_regex(r for r, rc in RUNS.items() if rc["style"] == "owt")
+SPLITS = "train|validation|test"
+
+
+wildcard_constraints:
+    run=_names_regex(RUNS),
+    seed="\\d+",
+
+
+def arg(obj):
+    """A config section as one shell-quoted JSON argument (rules pass config to stages this way)."""
+    return shlex.quote(json.dumps(obj, sort_keys=True))
+
+
+def run_dir(run):
+    return f"{RESULTS}/{run}"
+
+
+def is_owt(run):
+    return RUNS[run]["style"] == "owt"
+
+
+# ---- config sections each stage receives (only what it uses, so that editing e.g. a sampler spec
+# ---- does not re-run the data stages: Snakemake re-runs a job when its params change)
+def corpus_params(run):
+    rc = RUNS[run]
+    return {"style": rc["style"], "corpus": rc["corpus"]}
+
+
+def tokenizer_params(run):
+    rc = RUNS[run]
+    return {"style": rc["style"], "tokenizer": rc["tokenizer"], "bits": rc["bits"]}
+
+
+def cache_params(run):
+    rc = RUNS[run]
+    p = {"style": rc["style"], "seq_len": rc["seq_len"], "bits": rc["bits"]}
+    if rc["style"] == "owt":
+        p["base_seq_len"] = rc["base_seq_len"]
+    return p
+
+
+def code_params(run):
+    rc = RUNS[run]
+    return {"code_tokenizer": rc["code_tokenizer"], "bits": rc["bits"], "seq_len": rc["seq_len"]}
+
+
+def model_params(model):
+    return config["models"][model]
+
+
+def spec_params(spec):
+    return config["sampler_specs"][spec]
+
+
+def judge_params(run):
+    return config["judges"][RUNS[run]["judge"]]
+
+
+def eval_params(run):
+    return RUNS[run]["evaluation"]
+
+
+# ---- cluster resources: every value comes from the config, so one rule runs on a laptop, a test
+# ---- cluster and a GPU cluster. Unset values (None) are dropped by Snakemake.
+def resources_from(get):
+    """Resource callables for a rule; ``get(wildcards)`` returns the config's resources block."""
+
+    def pick(key, transform=lambda v: v):
+        def f(wc):
+            v = get(wc).get(key)
+            return None if v is None else transform(v)
+
+        return f
+
+    return {
+        "mem_mb": pick("mem_mb"),
+        "runtime": pick("runtime"),
+        "cpus_per_task": pick("cpus"),
+        "gpu": lambda wc: get(wc).get("gpus") or None,
+        "gpu_model": pick("gpu_model"),
+        "slurm_partition": pick("slurm_partition"),
+        "slurm_account": pick("slurm_account"),
+        "slurm_extra": pick("slurm_extra", lambda v: f"'{v}'"),
+        # One process per job even when it holds N GPUs: torchrun starts the per-GPU workers itself.
+        "tasks": lambda wc: 1,
+    }
+
+
+def launcher(res):
+    """How to start a training process: torchrun across the job's GPUs, plain python otherwise."""
+    gpus = res.get("gpus") or 0
+    if gpus > 1:
+        return f"{PY} -m torch.distributed.run --standalone --nproc_per_node {gpus}"
+    return PY
+
+
+# ---- targets
+def model_dir(run, model):
+    return f"{RESULTS}/{run}/models/{model}"
+
+
+def data_outputs():
+    out = []
+    for run in RUNS:
+        out += [f"{RESULTS}/{run}/cache/{s}.u16" for s in ("train", "validation", "test")]
+        out.append(f"{RESULTS}/{run}/metrics/data_stats.parquet")
+    return out
+
+
+def sample_outputs(run):
+    rc = RUNS[run]
+    return [
+        f"{RESULTS}/{run}/samples/{m}/{s}/seed{seed}.parquet"
+        for m in rc["models"]
+        for s in rc["specs"]
+        for seed in SEEDS
+    ]
+
+
+def metric_outputs(run):
+    return [p.replace("/samples/", "/metrics/") for p in sample_outputs(run)]
+
+
+def vlb_outputs(run):
+    if not RUNS[run]["evaluation"]["vlb"]:
+        return []
+    return [f"{RESULTS}/{run}/metrics/{m}/vlb.parquet" for m in RUNS[run]["models"]]
+
+
+def summary_inputs(run):
+    return metric_outputs(run) + vlb_outputs(run) + [f"{RESULTS}/{run}/metrics/real.parquet"]
+
+
+def paper_numbers():
+    """Published numbers from the config (paper configs only) for Table 1's side columns."""
+    out = {}
+    for run, rc in RUNS.items():
+        specs = {s: config["sampler_specs"][s]["paper"] for s in rc["specs"] if "paper" in config["sampler_specs"][s]}
+        real = rc["evaluation"].get("paper_real")
+        if specs or real:
+            out[run] = {"specs": specs, "real": real}
+    return out
+
+
+def all_outputs():
+    out = data_outputs()
+    out += [f"{RESULTS}/{run}/summary.parquet" for run in RUNS]
+    out += TABLES + FIGURES
+    return out
+
+
+TABLES = [f"{RESULTS}/tables/table1.{ext}" for ext in ("md", "csv", "tex")]
+FIGURES = [
+    f"{RESULTS}/figures/{name}.png"
+    for name in ("genppl_entropy_frontier", "entropy_rate_profile", "training_curves", "samples_per_second")
+]

@@ -1,0 +1,48 @@
+# The paper's outputs, rebuilt from parquet files alone. The plotting/table modules are inputs, so
+# editing them and rerunning redraws figures and tables without retraining or resampling.
+
+
+def train_logs():
+    return [f"{model_dir(r, m)}/train_log.parquet" for r, rc in RUNS.items() for m in rc["models"]]
+
+
+def entropy_tables():
+    return [
+        f"{model_dir(r, m)}/entropy/entropy_{t}.pt"
+        for r, rc in RUNS.items()
+        for m in rc["models"]
+        for t in ENTROPY_TABLES
+    ]
+
+
+rule tables:
+    input:
+        code=f"{workflow.basedir}/bitstream/tables.py",
+        summaries=[f"{RESULTS}/{run}/summary.parquet" for run in RUNS],
+    output:
+        TABLES,
+    params:
+        paper=arg(paper_numbers()),
+        out_dir=f"{RESULTS}/tables",
+    log:
+        f"{RESULTS}/logs/tables.log",
+    shell:
+        "{PY} -m bitstream.tables --summaries {input.summaries} --paper {params.paper}"
+        " --out-dir {params.out_dir} > {log} 2>&1"
+
+
+rule figures:
+    input:
+        code=f"{workflow.basedir}/bitstream/figures.py",
+        summaries=[f"{RESULTS}/{run}/summary.parquet" for run in RUNS],
+        train_logs=train_logs(),
+        entropy=entropy_tables(),
+    output:
+        FIGURES,
+    params:
+        run_dirs=[run_dir(run) for run in RUNS],
+        out_dir=f"{RESULTS}/figures",
+    log:
+        f"{RESULTS}/logs/figures.log",
+    shell:
+        "{PY} -m bitstream.figures --run-dirs {params.run_dirs} --out-dir {params.out_dir} > {log} 2>&1"

@@ -1,0 +1,33 @@
+# Training (spec §2-§7, §13): one SDT per (run, model). Writes the EMA checkpoint, the four entropy
+# tables and the training log. Resumes from checkpoints/last.pt (deliberately not a declared output,
+# so Snakemake keeps it when a job fails or hits its walltime and the resubmitted job continues).
+
+ENTROPY_TABLES = ("pdf", "cdf", "sigmas", "edges")
+
+
+def model_resources(wc):
+    return config["models"][wc.model]["resources"]
+
+
+rule train:
+    input:
+        train=f"{RESULTS}/{{run}}/cache/train.u16",
+        validation=f"{RESULTS}/{{run}}/cache/validation.u16",
+    output:
+        checkpoint=f"{RESULTS}/{{run}}/models/{{model}}/checkpoints/final.pt",
+        entropy=[f"{RESULTS}/{{run}}/models/{{model}}/entropy/entropy_{t}.pt" for t in ENTROPY_TABLES],
+        train_log=f"{RESULTS}/{{run}}/models/{{model}}/train_log.parquet",
+    params:
+        cfg=lambda wc: arg(model_params(wc.model)),
+        launcher=lambda wc: launcher(model_resources(wc)),
+        cache_dir=lambda wc: f"{RESULTS}/{wc.run}/cache",
+        out_dir=lambda wc: model_dir(wc.run, wc.model),
+        bits=lambda wc: RUNS[wc.run]["bits"],
+        seq_len=lambda wc: RUNS[wc.run]["seq_len"],
+    log:
+        f"{RESULTS}/{{run}}/logs/train_{{model}}.log",
+    resources:
+        **resources_from(model_resources),
+    shell:
+        "{params.launcher} -m bitstream.train --cache-dir {params.cache_dir} --bits {params.bits}"
+        " --seq-len {params.seq_len} --params {params.cfg} --out-dir {params.out_dir} >> {log} 2>&1"
