@@ -192,7 +192,10 @@ def all_outputs():
 
 
 TABLES = [f"{RESULTS}/tables/table1.{ext}" for ext in ("md", "csv", "tex")]
-FIGURES = [
-    f"{RESULTS}/figures/{name}.png"
-    for name in ("genppl_entropy_frontier", "entropy_rate_profile", "training_curves", "samples_per_second")
-]
+FIGURE_CAPTIONS = {
+    "genppl_entropy_frontier": "frontier.rst",
+    "entropy_rate_profile": "entropy_profile.rst",
+    "training_curves": "training_curves.rst",
+    "samples_per_second": "speed.rst",
+}
+FIGURES = [f"{RESULTS}/figures/{name}.png" for name in FIGURE_CAPTIONS]

@@ -20,7 +20,9 @@ rule tables:
         code=f"{workflow.basedir}/bitstream/tables.py",
         summaries=[f"{RESULTS}/{run}/summary.parquet" for run in RUNS],
     output:
-        TABLES,
+        report(TABLES[0], caption="../report/table1.rst", category="Tables"),
+        TABLES[1],
+        TABLES[2],
     params:
         paper=arg(paper_numbers()),
         out_dir=f"{RESULTS}/tables",
@@ -38,7 +40,10 @@ rule figures:
         train_logs=train_logs(),
         entropy=entropy_tables(),
     output:
-        FIGURES,
+        [
+            report(f, caption=f"../report/{caption}", category="Figures")
+            for f, caption in zip(FIGURES, FIGURE_CAPTIONS.values())
+        ],
     params:
         run_dirs=[run_dir(run) for run in RUNS],
         out_dir=f"{RESULTS}/figures",
