@@ -59,7 +59,7 @@ def test_dry_run_lists_every_stage(tmp_path):
 def test_bad_config_stops_with_the_key_named(tmp_path, default_config, mutate, needle):
     mutate(default_config)
     cfg = _write(tmp_path / "bad.yaml", default_config)
-    proc = snakemake("-n", "--cores", "1", "--configfile", str(cfg), cwd=tmp_path, check=False)
+    proc = snakemake("-n", "--cores", "1", "all", "--configfile", str(cfg), cwd=tmp_path, check=False)
     assert proc.returncode != 0
     assert needle in proc.stdout + proc.stderr
 
@@ -67,7 +67,7 @@ def test_bad_config_stops_with_the_key_named(tmp_path, default_config, mutate, n
 def test_configfile_replaces_the_default(tmp_path, default_config):
     del default_config["runs"]["owt_web"]
     cfg = _write(tmp_path / "one_run.yaml", default_config)
-    out = snakemake("-n", "--cores", "1", "--configfile", str(cfg), "all", cwd=tmp_path).stdout
+    out = snakemake("-n", "--cores", "1", "all", "--configfile", str(cfg), cwd=tmp_path).stdout
     assert "owt_web" not in out and "lm1b_web" in out
 
 
@@ -85,7 +85,7 @@ def e2e(tmp_path_factory):
     work = tmp_path_factory.mktemp("e2e")
     cfg = _write(work / "tiny.yaml", tiny_config())
     t0 = time.monotonic()
-    snakemake("--cores", "2", "--configfile", str(cfg), "all", cwd=work, timeout=1200)
+    snakemake("--cores", "2", "all", "--configfile", str(cfg), cwd=work, timeout=1200)
     print(f"end-to-end tiny run: {time.monotonic() - t0:.1f} s")
     return work, cfg
 
@@ -113,7 +113,7 @@ def test_end_to_end_outputs(e2e):
 @pytest.mark.slow
 def test_rerun_is_a_no_op(e2e):
     work, cfg = e2e
-    out = snakemake("-n", "--cores", "2", "--configfile", str(cfg), "all", cwd=work).stdout
+    out = snakemake("-n", "--cores", "2", "all", "--configfile", str(cfg), cwd=work).stdout
     assert "Nothing to be done" in out, out[-3000:]
 
 
@@ -123,7 +123,7 @@ def test_deleting_one_seed_reruns_that_seed_only(e2e):
     target = work / "results" / "lm1b_web" / "samples" / "sdt_tiny" / "sto_nfe64_g010" / "seed1.parquet"
     before = pd.read_parquet(target)
     target.unlink()
-    out = snakemake("--cores", "2", "--configfile", str(cfg), str(target.relative_to(work)), cwd=work).stdout
+    out = snakemake("--cores", "2", str(target.relative_to(work)), "--configfile", str(cfg), cwd=work).stdout
     jobs = _job_counts(out)
     assert jobs == {"sample": 1}, jobs
     after = pd.read_parquet(target)
@@ -135,9 +135,9 @@ def test_deleting_one_seed_reruns_that_seed_only(e2e):
 @pytest.mark.slow
 def test_editing_plot_code_redraws_figures_only(e2e):
     work, cfg = e2e
-    snakemake("--cores", "2", "--configfile", str(cfg), "all", cwd=work)
+    snakemake("--cores", "2", "all", "--configfile", str(cfg), cwd=work)
     figures_py = REPO / "bitstream" / "figures.py"
     now = time.time()
     os.utime(figures_py, (now, now))
-    out = snakemake("-n", "--cores", "2", "--configfile", str(cfg), "all", cwd=work).stdout
+    out = snakemake("-n", "--cores", "2", "all", "--configfile", str(cfg), cwd=work).stdout
     assert set(_job_counts(out)) <= {"figures", "all"}, out[-3000:]

@@ -75,7 +75,7 @@ def tokenizer_params(run):
 
 def cache_params(run):
     rc = RUNS[run]
-    p = {"style": rc["style"], "seq_len": rc["seq_len"], "bits": rc["bits"]}
+    p = {"style": rc["style"], "seq_len": rc["seq_len"], "bits": rc["bits"], "workers": rc["tokenizer"]["workers"]}
     if rc["style"] == "owt":
         p["base_seq_len"] = rc["base_seq_len"]
     return p
@@ -83,7 +83,8 @@ def cache_params(run):
 
 def code_params(run):
     rc = RUNS[run]
-    return {"code_tokenizer": rc["code_tokenizer"], "bits": rc["bits"], "seq_len": rc["seq_len"]}
+    return {"code_tokenizer": rc["code_tokenizer"], "bits": rc["bits"], "seq_len": rc["seq_len"],
+            "workers": rc["tokenizer"]["workers"]}
 
 
 def model_params(model):
@@ -105,7 +106,22 @@ def eval_params(run):
 # ---- cluster resources: every value comes from the config, so one rule runs on a laptop, a test
 # ---- cluster and a GPU cluster. Unset values (None) are dropped by Snakemake.
 def resources_from(get):
-    """Resource callables for a rule; ``get(wildcards)`` returns the config's resources block."""
+    """Resources of a rule, from the config's ``resources`` block that ``get(wildcards)`` returns.
+
+    What the SLURM executor plugin (snakemake-executor-plugin-slurm 2.8) makes of each key:
+      mem_mb -> ``--mem``, runtime (minutes) -> ``-t``, cpus_per_task -> ``--cpus-per-task`` (sbatch
+      and the job's ``srun``), gpu -> ``--gpus=N`` (``--gpus=MODEL:N`` with gpu_model; srun gets
+      ``--gpus=N`` too), slurm_partition -> ``-p``, slurm_account -> ``-A``, slurm_extra -> appended
+      to the sbatch line as written (several flags are fine; the plugin refuses flags it manages).
+    Tasks: a CPU job gets ``--ntasks=1`` from ``tasks``. A GPU job would get ``--ntasks-per-gpu``
+    from ``tasks`` (so gpus=4 would mean 4 tasks); ``tasks_per_gpu=0`` suppresses that flag, the
+    job keeps SLURM's default of one task holding all N GPUs, and torchrun (see ``launcher``)
+    starts the per-GPU workers itself.
+    gpu_model is only passed with gpus > 0: the plugin turns a lone gpu_model into ``--gpus=MODEL:1``.
+    slurm_partition / slurm_account / slurm_extra are left out of a rule altogether when no config
+    block the rule can see sets them, so that ``--default-resources slurm_partition=...`` (CLI or
+    a profile) applies: a rule's own resource, even one that evaluates to None, would mask it.
+    """
 
     def pick(key, transform=lambda v: v):
         def f(wc):
@@ -114,25 +130,45 @@ def resources_from(get):
 
         return f
 
-    return {
+    def gpus(wc):
+        return get(wc).get("gpus") or 0
+
+    res = {
         "mem_mb": pick("mem_mb"),
         "runtime": pick("runtime"),
         "cpus_per_task": pick("cpus"),
-        "gpu": lambda wc: get(wc).get("gpus") or None,
-        "gpu_model": pick("gpu_model"),
-        "slurm_partition": pick("slurm_partition"),
-        "slurm_account": pick("slurm_account"),
-        "slurm_extra": pick("slurm_extra", lambda v: f"'{v}'"),
-        # One process per job even when it holds N GPUs: torchrun starts the per-GPU workers itself.
-        "tasks": lambda wc: 1,
+        "gpu": lambda wc: gpus(wc) or None,
+        "gpu_model": lambda wc: get(wc).get("gpu_model") if gpus(wc) else None,
+        "tasks": 1,
+        "tasks_per_gpu": 0,
     }
+    # Every block this rule can see: ``get`` at each (run, model, spec); None if ``get`` wants more.
+    from types import SimpleNamespace
+
+    try:
+        blocks = [
+            get(SimpleNamespace(run=run, model=model, spec=spec))
+            for run in RUNS
+            for model in config["models"]
+            for spec in config["sampler_specs"] or [None]
+        ]
+    except (AttributeError, KeyError, TypeError):
+        blocks = None
+    for key in ("slurm_partition", "slurm_account", "slurm_extra"):
+        if blocks is None or any(b.get(key) is not None for b in blocks):
+            res[key] = pick(key, str)
+    return res
 
 
 def launcher(res):
-    """How to start a training process: torchrun across the job's GPUs, plain python otherwise."""
+    """How to start a training process: torchrun across the job's GPUs, plain python otherwise.
+
+    One SLURM task holds all N GPUs (``tasks_per_gpu=0`` in ``resources_from``); ``--standalone``
+    runs the rendezvous on the node itself, so no MASTER_ADDR/PORT set-up is needed.
+    """
     gpus = res.get("gpus") or 0
     if gpus > 1:
-        return f"{PY} -m torch.distributed.run --standalone --nproc_per_node {gpus}"
+        return f"{PY} -m torch.distributed.run --standalone --nnodes 1 --nproc_per_node {gpus}"
     return PY
 
 

@@ -23,31 +23,41 @@ rule judge:
         corpus_dir=lambda wc: f"{RESULTS}/{wc.run}/corpus",
         tok_dir=lambda wc: f"{RESULTS}/{wc.run}/tokenizer/base",
         out_dir=lambda wc: f"{RESULTS}/{wc.run}/judge",
+        name=lambda wc: RUNS[wc.run]["judge"],
     log:
         f"{RESULTS}/{{run}}/logs/judge.log",
     resources:
         **resources_from(judge_resources),
     shell:
         "{PY} -m bitstream.judge --corpus-dir {params.corpus_dir} --tokenizer-dir {params.tok_dir}"
-        " --params {params.cfg} --out-dir {params.out_dir} > {log} 2>&1"
+        " --params {params.cfg} --name {params.name} --out-dir {params.out_dir} > {log} 2>&1"
+
+
+def mauve_inputs(wc):
+    """MAUVE compares with held-out text, which needs the decoder and the test cache."""
+    if not RUNS[wc.run]["evaluation"]["mauve"]:
+        return []
+    return decoder_inputs(wc) + [f"{RESULTS}/{wc.run}/cache/test.u16"]
 
 
 rule metrics:
     input:
         samples=rules.sample.output,
         judge=rules.judge.output,
+        mauve=mauve_inputs,
     output:
         f"{RESULTS}/{{run}}/metrics/{{model}}/{{spec}}/seed{{seed}}.parquet",
     params:
         cfg=lambda wc: arg(eval_params(wc.run)),
         judge_dir=lambda wc: f"{RESULTS}/{wc.run}/judge",
+        run_dir=lambda wc: run_dir(wc.run),
     log:
         f"{RESULTS}/{{run}}/logs/metrics/{{model}}/{{spec}}/seed{{seed}}.log",
     resources:
         **resources_from(eval_resources),
     shell:
         "{PY} -m bitstream.metrics --samples {input.samples} --judge-dir {params.judge_dir}"
-        " --params {params.cfg} --out {output} > {log} 2>&1"
+        " --run-dir {params.run_dir} --params {params.cfg} --out {output} > {log} 2>&1"
 
 
 rule real_reference:
@@ -101,4 +111,4 @@ rule summary:
         f"{RESULTS}/{{run}}/logs/summary.log",
     localrule: True
     shell:
-        "{PY} -m bitstream.summary --run-dir {params.run_dir} --out {output} > {log} 2>&1"
+        "{PY} -m bitstream.summary --run-dir {params.run_dir} --inputs {input} --out {output} > {log} 2>&1"
