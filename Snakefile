@@ -6,6 +6,7 @@
 #
 # Stages: corpus -> tokenizer -> token cache -> train -> sample[spec, seed] -> metrics[spec, seed]
 #         -> summary -> tables, figures   (judge and data_stats on the side). See README.md.
+import yaml
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -17,6 +18,12 @@ if not workflow.overwrite_configfiles:
 
     configfile: f"{workflow.basedir}/config/config.yaml"
 
+
+# Snakemake reads --config values with YAML's BaseLoader, which keeps every nested value a string
+# (`seeds=[0,1]` -> ['0', '1']); read them again with the safe loader so types survive validation.
+for _entry in workflow.config_settings.config_args or []:
+    _key, _, _value = _entry.partition("=")
+    config[_key] = yaml.safe_load(_value)
 
 validate(config, "workflow/schemas/config.schema.yaml")
 

@@ -832,6 +832,7 @@ def train(cache_dir: str | os.PathLike, bits: int, seq_len: int, params: dict, o
             "step": step, "n_params": n_params, "wall_time_s": total_wall,
             "steps_per_s": float(rates.median()) if len(rates) else float("nan"),
             "bits_per_s": float(rates.median() * bits_per_step) if len(rates) else float("nan"),
+            "steps_per_s_overall": step / total_wall if total_wall > 0 else float("nan"),   # incl. validation, checkpoints
             "loss_first": float(df["loss"].iloc[0]) if len(df) else float("nan"),
             "loss_last": float(df["loss"].iloc[-1]) if len(df) else float("nan"),
             "val_loss_last": float(df["val_loss"].dropna().iloc[-1]) if df["val_loss"].notna().any() else float("nan"),

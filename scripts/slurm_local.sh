@@ -40,7 +40,7 @@ ETC=/etc/slurm
 FAKE_DEVICES=(/dev/null /dev/zero /dev/full /dev/urandom)
 
 log() { printf '[slurm_local] %s\n' "$*" >&2; }
-die() { log "error: $*"; exit "${2:-1}"; }
+die() { log "error: $1"; exit "${2:-1}"; }
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
 
@@ -52,6 +52,16 @@ pid_of() {
     [[ -n $pid && -r /proc/$pid/comm ]] || return 1
     [[ $(cat "/proc/$pid/comm") == "$name" ]] || return 1
     echo "$pid"
+}
+
+# PIDs of live (not zombie) processes running any of the given programs.
+live_pids() {
+    local name pid
+    for name in "$@"; do
+        for pid in $(pgrep -x "$name" || true); do
+            [[ $(awk '{ print $3 }' "/proc/$pid/stat" 2>/dev/null) == Z ]] || printf '%s ' "$pid"
+        done
+    done
 }
 
 started() { [[ -f $STATE/started ]] && grep -qx "$1" "$STATE/started"; }
@@ -212,8 +222,10 @@ up() {
         wait_idle
         return 0
     fi
-    if pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null; then
-        die "a slurmctld/slurmd not started from $STATE is running (pids: $(pgrep -x 'slurmctld|slurmd' | tr '\n' ' '))" 4
+    local others
+    others=$(live_pids slurmctld slurmd)
+    if [[ -n $others ]]; then
+        die "a slurmctld/slurmd not started from $STATE is running (pids: $others)" 4
     fi
     mkdir -p "$STATE/state" "$STATE/spool" "$STATE/log"
     : >"$STATE/started"

@@ -25,8 +25,9 @@ def repo() -> Path:
     return REPO
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def default_config() -> dict:
+    """A fresh copy per test: tests mutate it."""
     return yaml.safe_load((REPO / "config" / "config.yaml").read_text())
 
 

@@ -96,8 +96,10 @@ def slurm_cluster(request):
         shutil.rmtree(state, ignore_errors=True)
 
     request.addfinalizer(stop)
+    # apt-get gets 120 s per call (install, update, install): a bring-up ends within the 420 s.
+    env = dict(os.environ, SLURM_LOCAL_APT_TIMEOUT="120", SLURM_LOCAL_GPUS="1")
     proc = subprocess.run(["timeout", "-k", "5", "420", "bash", str(SCRIPT), "up", str(state)],
-                          capture_output=True, text=True, timeout=440)
+                          capture_output=True, text=True, timeout=440, env=env)
     if proc.returncode in (2, 3, 4):  # not root/Debian, apt unreachable, another SLURM in the way
         pytest.skip("no local SLURM cluster: " + (proc.stderr.strip().splitlines() or ["?"])[-1])
     assert proc.returncode == 0, f"slurm_local.sh up failed ({proc.returncode}):\n{proc.stderr[-3000:]}"

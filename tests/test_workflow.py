@@ -72,7 +72,7 @@ def test_configfile_replaces_the_default(tmp_path, default_config):
 
 
 def test_command_line_override(tmp_path):
-    out = snakemake("-n", "--cores", "1", "--config", "seeds=[7]", "all", cwd=tmp_path).stdout
+    out = snakemake("-n", "--cores", "1", "all", "--config", "seeds=[7]", cwd=tmp_path).stdout
     assert "seed7.parquet" in out and "seed0.parquet" not in out
 
 
@@ -123,8 +123,8 @@ def test_deleting_one_seed_reruns_that_seed_only(e2e):
     target = work / "results" / "lm1b_web" / "samples" / "sdt_tiny" / "sto_nfe64_g010" / "seed1.parquet"
     before = pd.read_parquet(target)
     target.unlink()
-    out = snakemake("--cores", "2", str(target.relative_to(work)), "--configfile", str(cfg), cwd=work).stdout
-    jobs = _job_counts(out)
+    proc = snakemake("--cores", "2", str(target.relative_to(work)), "--configfile", str(cfg), cwd=work)
+    jobs = _job_counts(proc.stdout + proc.stderr)
     assert jobs == {"sample": 1}, jobs
     after = pd.read_parquet(target)
     # the seed alone decides the samples

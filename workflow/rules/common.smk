@@ -87,20 +87,28 @@ def code_params(run):
             "workers": rc["tokenizer"]["workers"]}
 
 
+def _without(section, *keys):
+    return {k: v for k, v in section.items() if k not in keys}
+
+
+# Cluster settings (walltime, partition, ...) and published numbers do not change what a job
+# computes, so they stay out of params: editing them must not re-run training or sampling.
 def model_params(model):
-    return config["models"][model]
+    m = config["models"][model]
+    res = m["resources"]
+    return {**_without(m, "resources"), "resources": {"gpus": res["gpus"], "cpus": res["cpus"]}}
 
 
 def spec_params(spec):
-    return config["sampler_specs"][spec]
+    return _without(config["sampler_specs"][spec], "resources", "paper")
 
 
 def judge_params(run):
-    return config["judges"][RUNS[run]["judge"]]
+    return _without(config["judges"][RUNS[run]["judge"]], "resources")
 
 
 def eval_params(run):
-    return RUNS[run]["evaluation"]
+    return _without(RUNS[run]["evaluation"], "resources", "paper_real")
 
 
 # ---- cluster resources: every value comes from the config, so one rule runs on a laptop, a test

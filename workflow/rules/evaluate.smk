@@ -7,7 +7,7 @@ def eval_resources(wc):
 
 
 def judge_resources(wc):
-    return judge_params(wc.run)["resources"]
+    return config["judges"][RUNS[wc.run]["judge"]]["resources"]
 
 
 rule judge:

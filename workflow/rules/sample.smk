@@ -33,4 +33,4 @@ rule sample:
         "{PY} -m bitstream.sample --checkpoint {input.checkpoint} --entropy-dir {params.entropy_dir}"
         " --run-dir {params.run_dir} --spec {params.spec} --seed {wildcards.seed}"
         " --run {wildcards.run} --model {wildcards.model} --spec-name {wildcards.spec}"
-        " --out {output} > {log} 2>&1"
+        " --threads {resources.cpus_per_task} --out {output} > {log} 2>&1"
