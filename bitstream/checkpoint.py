@@ -35,7 +35,7 @@ MODEL_FORMAT = "bitstream-model/1"
 
 # Training keys that change how a run is observed or scheduled, never the weights it ends with; a
 # resumed run may change them (e.g. validate more often, or use more threads).
-RESUME_FREE_TRAINING_KEYS = ("checkpoint_every", "keep_every", "log_every", "val_every", "val_batches",
+RESUME_FREE_TRAINING_KEYS = ("stop_at_step", "checkpoint_every", "keep_every", "log_every", "val_every", "val_batches",
                              "num_threads", "compile")
 _PREFIXES = ("module.", "_orig_mod.")
 

@@ -90,7 +90,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "sigma_sampler": "log_normal", "p_mean": -1.2, "p_std": 1.2, "self_condition_prob": 0.5,
     "entropy": ENTROPY_DEFAULTS, "checkpoint_every": 5000, "keep_every": 50000, "log_every": 100,
     "val_every": 5000, "val_batches": 20, "seed": 42, "precision": "auto", "compile": False,
-    "num_threads": 0,
+    "num_threads": 0, "stop_at_step": None,
 }
 ARCHITECTURE_DEFAULTS: dict[str, Any] = {
     "embed_dim": 768, "n_blocks": 12, "n_heads": 12, "dim_ff": 3072, "content_dim": 64, "head_hidden": 128,
@@ -734,9 +734,12 @@ def train(cache_dir: str | os.PathLike, bits: int, seq_len: int, params: dict, o
         b = global_batch // dist.world_size
         bits_per_step = global_batch * n_bits
         t_start = time.monotonic()
-        target = steps if stop_after is None else min(steps, stop_after)
+        # stop_at_step: finish (final outputs) early on the full-length lr schedule, as the paper's
+        # OWT numbers come from step 750K of a 1M-step cosine schedule (spec §12).
+        final_step = min(steps, int(t["stop_at_step"] or steps))
+        target = final_step if stop_after is None else min(final_step, stop_after)
         raw.train()
-        progress = Progress(steps, "train", unit="step", initial=step) if dist.main and not quiet else None
+        progress = Progress(final_step, "train", unit="step", initial=step) if dist.main and not quiet else None
         stopped_early = False
         while step < target:
             t0 = time.monotonic()
@@ -808,9 +811,9 @@ def train(cache_dir: str | os.PathLike, bits: int, seq_len: int, params: dict, o
                 break
         if progress is not None:
             progress.close()
-        if step < steps:
+        if step < final_step:
             if stop_after is not None or stopped_early:
-                log(f"stopped at step {step}/{steps}; {last_path} saved — rerun the same command to continue")
+                log(f"stopped at step {step}/{final_step}; {last_path} saved — rerun the same command to continue")
                 if stopped_early:
                     raise SystemExit(f"train: stopped by SIGTERM at step {step}; resume by rerunning")
                 return {"step": step, "stopped": True} if dist.main else {}

@@ -67,3 +67,17 @@ def snakemake(*args, cwd: Path, timeout: float = 900, check: bool = True) -> sub
         raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
+
+
+def job_counts(log: str) -> dict[str, int]:
+    """The 'Job stats' table of a snakemake log as {rule: count} (empty when nothing ran)."""
+    if "Job stats:" not in log:
+        return {}
+    counts = {}
+    for line in log.split("Job stats:")[1].splitlines()[3:]:
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            break
+        if parts[0] != "total":
+            counts[parts[0]] = int(parts[1])
+    return counts

@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, job_counts as _job_counts
 
 SCRIPT = REPO / "scripts" / "slurm_local.sh"
 PROFILE = REPO / "slurm"
@@ -146,19 +146,6 @@ SUBMITTED = re.compile(r"has been submitted with SLURM jobid (\d+) \(log: (\S+)/
 def _sbatch_calls(log: str) -> list[tuple[str, str]]:
     """(rule, sbatch line) for every submission in a --verbose snakemake log."""
     return [(RULE_OF_CALL.search(c).group(1), c) for c in SBATCH_CALL.findall(log)]
-
-
-def _job_counts(log: str) -> dict[str, int]:
-    if "Job stats:" not in log:
-        return {}
-    counts = {}
-    for line in log.split("Job stats:")[1].splitlines()[3:]:
-        parts = line.split()
-        if len(parts) != 2 or not parts[1].isdigit():
-            break
-        if parts[0] != "total":
-            counts[parts[0]] = int(parts[1])
-    return counts
 
 
 # ---------------------------------------------------------------------------------------------

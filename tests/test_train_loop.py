@@ -265,3 +265,17 @@ def test_ddp_two_processes_match_one(straight, cache, tmp_path):
     # Same σ draws and the whole global batch in the buffer (fix of §14.5), in the same order.
     assert torch.equal(sa["entropy"]["buffer"]["sigma"], sb["entropy"]["buffer"]["sigma"])
     torch.testing.assert_close(sb["entropy"]["buffer"]["mse"], sa["entropy"]["buffer"]["mse"], rtol=1e-4, atol=1e-7)
+
+
+def test_stop_at_step_finishes_early_on_the_full_schedule(straight, cache, tmp_path):
+    """stop_at_step = N of a 40-step schedule gives final outputs at N equal to the straight run's
+    state at N (same lr schedule), and clearing it continues the same run to the end."""
+    out, _ = straight
+    tr.train(cache, BITS, SEQ_LEN, params(stop_at_step=20, keep_every=20), tmp_path, device="cpu", quiet=True)
+    final = torch.load(tmp_path / "checkpoints" / "final.pt", weights_only=True)
+    assert final["meta"]["step"] == 20
+    kept_straight = weights(out / "checkpoints" / "step=000000020.pt", "ema")
+    assert all(torch.equal(final["model"][k], kept_straight[k]) for k in final["model"])
+    tr.train(cache, BITS, SEQ_LEN, params(), tmp_path, device="cpu", quiet=True)
+    a, b = weights(out / "checkpoints" / "final.pt"), weights(tmp_path / "checkpoints" / "final.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)

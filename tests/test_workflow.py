@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import REPO, snakemake, tiny_config
+from conftest import REPO, job_counts as _job_counts, snakemake, tiny_config
 
 STAGES = ["corpus", "tokenizer", "token_cache", "base_cache", "code_tokenizer", "code_cache", "data_stats",
           "train", "sample", "judge", "metrics", "real_reference", "vlb", "summary", "tables", "figures"]
@@ -20,20 +20,6 @@ STAGES = ["corpus", "tokenizer", "token_cache", "base_cache", "code_tokenizer", 
 def _write(path: Path, cfg: dict) -> Path:
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
-
-
-def _job_counts(out: str) -> dict[str, int]:
-    """The 'Job stats' table of a snakemake run as {rule: count} (empty when nothing ran)."""
-    if "Job stats:" not in out:
-        return {}
-    counts = {}
-    for line in out.split("Job stats:")[1].splitlines()[3:]:
-        parts = line.split()
-        if len(parts) != 2 or not parts[1].isdigit():
-            break
-        if parts[0] != "total":
-            counts[parts[0]] = int(parts[1])
-    return counts
 
 
 def test_dry_run_lists_every_stage(tmp_path):
