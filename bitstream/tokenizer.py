@@ -73,6 +73,15 @@ def train_wordpiece(texts, n_texts: int, vocab_size: int, lowercase: bool = True
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=WORDPIECE_SPECIALS,
                                         continuing_subword_prefix="##", show_progress=False)
     tok.train_from_iterator(texts, trainer, length=n_texts)
+    # The trainer numbers tokens in hash-map order, which changes from process to process, so the
+    # same corpus gave different ids (and different caches, models, numbers) on every run. WordPiece
+    # encodes by greedy longest match over the vocabulary *set*, so renumbering is free: specials
+    # first, then the rest sorted by length and spelling -- the same ids for the same corpus.
+    trained = tok.get_vocab()
+    rest = sorted((t for t in trained if t not in WORDPIECE_SPECIALS),
+                  key=lambda t: (len(t.removeprefix("##")), t.removeprefix("##"), t.startswith("##")))
+    tok.model = models.WordPiece(vocab={t: i for i, t in enumerate([*WORDPIECE_SPECIALS, *rest])},
+                                 unk_token="[UNK]", max_input_chars_per_word=100, continuing_subword_prefix="##")
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     # Only used when a caller asks for special tokens; every cache of ours encodes without them.
     tok.post_processor = processors.TemplateProcessing(
