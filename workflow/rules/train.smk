@@ -28,6 +28,9 @@ rule train:
         f"{RESULTS}/{{run}}/logs/train_{{model}}.log",
     resources:
         **resources_from(model_resources),
+    # Snakemake clears {log} when it resubmits a job (walltime, retries); train_attempts.log beside the
+    # checkpoints keeps the output of every attempt of a resumed run.
     shell:
-        "{params.launcher} -m bitstream.train --cache-dir {params.cache_dir} --bits {params.bits}"
-        " --seq-len {params.seq_len} --params {params.cfg} --out-dir {params.out_dir} >> {log} 2>&1"
+        "mkdir -p {params.out_dir} && {params.launcher} -m bitstream.train --cache-dir {params.cache_dir}"
+        " --bits {params.bits} --seq-len {params.seq_len} --params {params.cfg} --out-dir {params.out_dir}"
+        " 2>&1 | tee -a {params.out_dir}/train_attempts.log > {log}"
