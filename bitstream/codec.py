@@ -32,7 +32,6 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 import time
@@ -41,7 +40,7 @@ from typing import Sequence
 
 import numpy as np
 
-from bitstream.io import atomic_path, parse_json_arg, provenance, read_json, write_json
+from bitstream.io import atomic_path, parse_json_arg, provenance, read_json, sha256_file, write_json
 from bitstream.parallel import ordered_map
 from bitstream.progress import Progress
 from bitstream.token_cache import BASE_FORMAT, UINT16_VOCAB, cache_paths, load_cache, open_rows, write_meta
@@ -143,7 +142,7 @@ def build_code_tokenizer(base_prefix: str | os.PathLike, params: dict, out_dir: 
             raise FileNotFoundError(f"code_tokenizer.path = {src}: file not found")
         tok = Tokenizer.from_file(str(src))
         check_code_tokenizer(tok, base_vocab, where=str(src))
-        origin = {"copied_from": str(src), "sha256": _sha256_file(src)}
+        origin = {"copied_from": str(src), "sha256": sha256_file(src)}
     else:
         print(f"[codec] training BPE to {cfg['vocab_size']} codes on {len(rows)} base rows "
               f"(base vocabulary {base_vocab})", file=sys.stderr, flush=True)
@@ -187,7 +186,7 @@ def build_code_tokenizer(base_prefix: str | os.PathLike, params: dict, out_dir: 
         "encoding_length_stats": stats, "recommended_code_seq_len_tokens": stats["max"] + 1,
         "seq_len": seq_len, "truncated_fraction_at_seq_len": truncated,
         "bits_per_code_token": bits, "invalid_codes": 2 ** bits - code_vocab,
-        "tokenizer_sha256": _sha256_file(out_dir / "tokenizer.json"), "origin": origin,
+        "tokenizer_sha256": sha256_file(out_dir / "tokenizer.json"), "origin": origin,
         "train_seconds": round(train_seconds, 3), "params": cfg, **provenance(params),
     }
     write_json(out_dir / "meta.json", meta)
@@ -339,14 +338,6 @@ class InverseCodec:
 def inverse_codec(codes: Sequence[int], code_dir: str | os.PathLike) -> list[int]:
     """Convenience one-off inverse; for many rows build one :class:`InverseCodec` and call it."""
     return InverseCodec.from_dir(code_dir)(codes)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import json
 import math
 import os
@@ -53,7 +52,8 @@ from collections import deque
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from bitstream.io import parse_json_arg, provenance, write_json
+from bitstream.io import parse_json_arg, provenance, sha256_file, write_json
+from bitstream.parallel import chunked
 from bitstream.progress import Progress
 
 SPLITS = ("train", "validation", "test")
@@ -204,17 +204,6 @@ def open_hf_split(name: str, hf_path: str | None, split: str, text_column: str =
             raise ValueError(f"{source} [{split}]: no column {text_column!r} (columns: {', '.join(row)})") from None
 
 
-def _chunks(items: Iterable, size: int) -> Iterator[list]:
-    chunk: list = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 def _take(items: Iterable, n: int | None) -> Iterator:
     for i, item in enumerate(items):
         if n is not None and i >= n:
@@ -280,7 +269,7 @@ class _SplitFiles:
             raise ValueError(f"corpus: split(s) {', '.join(empty)} came out empty "
                              f"(documents per split: {self.docs}); use more documents "
                              f"(corpus.max_documents) or larger split fractions")
-        sha = {s: _sha256(self.tmp[s]) for s in SPLITS}
+        sha = {s: sha256_file(self.tmp[s]) for s in SPLITS}
         for s in SPLITS:
             os.replace(self.tmp[s], self.out_dir / f"{s}.jsonl")
         return sha
@@ -344,13 +333,13 @@ def _build_lines(cfg: dict, out: _SplitFiles, progress: Progress) -> dict:
     for i, doc in enumerate(docs):
         out.write(split_of(i, v, t), doc)
         progress.update(1)
-    return {"files": [{"path": str(f), "sha256": _sha256(f), "bytes": f.stat().st_size} for f in files]}
+    return {"files": [{"path": str(f), "sha256": sha256_file(f), "bytes": f.stat().st_size} for f in files]}
 
 
 def _map_chunks(fn, texts: Iterable[str], workers: int) -> Iterator[str]:
     from bitstream.parallel import ordered_map
 
-    for chunk in ordered_map(fn, _chunks(texts, 4096), workers=workers):
+    for chunk in ordered_map(fn, chunked(texts, 4096), workers=workers):
         yield from chunk
 
 
@@ -459,14 +448,6 @@ def read_split(corpus_dir: str | os.PathLike, split: str) -> Iterator[str]:
                 yield json.loads(line)["text"]
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise ValueError(f"{path}:{lineno}: expected a JSON object with a 'text' field ({err})")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def main(argv: list[str] | None = None) -> None:

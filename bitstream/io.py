@@ -76,6 +76,15 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks (bounded memory for large caches)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def config_hash(cfg: Any) -> str:
     """Short, order-independent hash of a (JSON-serialisable) config section."""
     blob = json.dumps(cfg, sort_keys=True, default=_json_default).encode()

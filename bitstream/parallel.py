@@ -18,6 +18,18 @@ from collections import deque
 from typing import Any, Callable, Iterable, Iterator
 
 
+def chunked(items: Iterable[Any], size: int) -> Iterator[list]:
+    """Consecutive lists of ``size`` items (the last one shorter), without reading ahead."""
+    chunk: list = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
 def _init_worker(initializer: Callable | None, initargs: tuple) -> None:
     # One Rust thread per worker process: the parallelism comes from the processes.
     os.environ["RAYON_NUM_THREADS"] = "1"

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import os
 import sys
@@ -44,8 +43,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from bitstream.io import atomic_path, parse_json_arg, provenance, read_json, write_json
-from bitstream.parallel import ordered_map
+from bitstream.io import atomic_path, parse_json_arg, provenance, read_json, sha256_file, write_json
+from bitstream.parallel import chunked, ordered_map
 from bitstream.progress import Progress
 
 DTYPE = np.uint16
@@ -294,29 +293,14 @@ def _saved_tokenizer(tokenizer_dir: Path) -> tuple[str, dict]:
 
 
 def _line_chunks(path: Path, size: int) -> Iterator[list[bytes]]:
+    """Non-blank lines of a file in chunks of ``size``, streamed."""
     with open(path, "rb") as f:
-        chunk: list[bytes] = []
-        for line in f:
-            if line.strip():
-                chunk.append(line)
-                if len(chunk) == size:
-                    yield chunk
-                    chunk = []
-        if chunk:
-            yield chunk
+        yield from chunked((line for line in f if line.strip()), size)
 
 
 def _count_lines(path: Path) -> int:
     with open(path, "rb") as f:
         return sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -379,7 +363,7 @@ def build_cache(corpus_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike,
             "tokenizer_kind": tok_meta.get("kind"), "tokenizer_dir": str(tokenizer_dir), "bits": params["bits"],
             "add_special_tokens": False, "keep_remainder": False,
             **{k: tok_meta.get(k) for k in SPECIAL_ID_KEYS},
-            "corpus_file": str(corpus_path), "corpus_sha256": _sha256(corpus_path),
+            "corpus_file": str(corpus_path), "corpus_sha256": sha256_file(corpus_path),
             "throughput": {"tokens": n_tokens, "documents": n_docs, "wall_time_s": round(seconds, 3),
                            "tokens_per_s": round(n_tokens / seconds, 1) if seconds > 0 else None,
                            "workers": workers},

@@ -731,7 +731,6 @@ def train(cache_dir: str | os.PathLike, bits: int, seq_len: int, params: dict, o
             handler_installed = True
         except ValueError:           # not the main thread (e.g. embedded use): no graceful stop
             pass
-        b = global_batch // dist.world_size
         bits_per_step = global_batch * n_bits
         t_start = time.monotonic()
         # stop_at_step: finish (final outputs) early on the full-length lr schedule, as the paper's

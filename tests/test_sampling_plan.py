@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from bitstream.samplers import ENTROPY_FILES, SPEC_DEFAULTS, churn_gammas, plan_from_spec, spec_with_defaults
+from bitstream.samplers import SPEC_DEFAULTS, churn_gammas, plan_from_spec, spec_with_defaults
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE = REPO.parent / "shared" / "reference" / "entropy_tables"

@@ -3,7 +3,6 @@ one-seed reruns and figure-only rebuilds (issues 2, 4, 5)."""
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
