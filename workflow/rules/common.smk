@@ -3,7 +3,6 @@
 import json
 import shlex
 import sys
-from pathlib import Path
 
 PY = shlex.quote(sys.executable)
 RESULTS = "results"
@@ -23,8 +22,6 @@ def _check_references():
                 problems.append(f"runs.{run}.specs: '{s}' is not defined under sampler_specs: ({', '.join(config['sampler_specs'])})")
         if rc["judge"] not in config["judges"]:
             problems.append(f"runs.{run}.judge: '{rc['judge']}' is not defined under judges: ({', '.join(config['judges'])})")
-        if rc["style"] == "owt" and rc["base_seq_len"] < 3:
-            problems.append(f"runs.{run}.base_seq_len: must be >= 3 for OWT framing, got {rc['base_seq_len']}")
     if problems:
         raise ValueError("config: " + "; ".join(problems))
 
@@ -40,7 +37,8 @@ def _names_regex(names):
 
 LM1B_RUNS = _names_regex(r for r, rc in RUNS.items() if rc["style"] == "lm1b")
 OWT_RUNS = _names_regex(r for r, rc in RUNS.items() if rc["style"] == "owt")
-SPLITS = "train|validation|test"
+SPLIT_NAMES = ("train", "validation", "test")
+SPLITS = "|".join(SPLIT_NAMES)
 
 
 wildcard_constraints:
@@ -185,10 +183,15 @@ def model_dir(run, model):
     return f"{RESULTS}/{run}/models/{model}"
 
 
+def model_input_caches(run):
+    """The caches a model trains and is evaluated on: packed blocks (LM1B) or code rows (OWT)."""
+    return [f"{RESULTS}/{run}/cache/{s}.u16" for s in SPLIT_NAMES]
+
+
 def data_outputs():
     out = []
     for run in RUNS:
-        out += [f"{RESULTS}/{run}/cache/{s}.u16" for s in ("train", "validation", "test")]
+        out += model_input_caches(run)
         out.append(f"{RESULTS}/{run}/metrics/data_stats.parquet")
     return out
 

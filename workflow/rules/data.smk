@@ -121,14 +121,9 @@ rule code_cache:
         " --params {params.cfg} --out {params.prefix} > {log} 2>&1"
 
 
-def model_input_cache(wc):
-    """The caches a model trains on: packed blocks (LM1B style) or code rows (OWT style)."""
-    return [f"{RESULTS}/{wc.run}/cache/{s}.u16" for s in ("train", "validation", "test")]
-
-
 rule data_stats:
     input:
-        caches=model_input_cache,
+        caches=lambda wc: model_input_caches(wc.run),
         tokenizer=rules.tokenizer.output,
     output:
         f"{RESULTS}/{{run}}/metrics/data_stats.parquet",
