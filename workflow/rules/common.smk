@@ -35,6 +35,13 @@ def _names_regex(names):
     return "|".join(re.escape(n) for n in names) or "(?!x)x"
 
 
+def model_source(model):
+    """``train`` (the train job) or ``import`` (the import_model job reads released weights)."""
+    return config["models"][model].get("source", "train")
+
+
+TRAINED_MODELS = _names_regex(m for m in config["models"] if model_source(m) == "train")
+IMPORTED_MODELS = _names_regex(m for m in config["models"] if model_source(m) == "import")
 LM1B_RUNS = _names_regex(r for r, rc in RUNS.items() if rc["style"] == "lm1b")
 OWT_RUNS = _names_regex(r for r, rc in RUNS.items() if rc["style"] == "owt")
 SPLIT_NAMES = ("train", "validation", "test")
