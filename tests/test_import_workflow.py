@@ -86,3 +86,25 @@ def test_import_sample_metrics_tables_end_to_end(tmp_path):
     # a second run is a no-op
     again = snakemake("--cores", "2", "tables", "--configfile", str(cfg), cwd=tmp_path)
     assert job_counts(again.stdout + again.stderr) == {}
+
+
+@pytest.mark.parametrize("name", ["released_lm1b_cobit_s", "released_owt_cobit_s", "released_owt_cobit_m"])
+def test_released_paper_configs_import_and_never_train(tmp_path, name):
+    """Each released config goes from nothing to Table 1 with an import_model job and no train job, and
+    pairs every honest spec with upstream's operating point (N-1 calls, gamma·(N-1)/(N-2))."""
+    path = REPO / "config" / "paper" / f"{name}.yaml"
+    proc = snakemake("-n", "--cores", "1", "all", "--configfile", str(path), cwd=tmp_path)
+    counts = job_counts(proc.stdout)
+    assert counts.get("import_model") == 1 and "train" not in counts, counts
+    assert counts["tables"] == 1 and counts["sample"] == counts["metrics"] > 0
+    cfg = yaml.safe_load(path.read_text())
+    (model,) = cfg["models"].values()
+    assert model["source"] == "import" and model["import"]["checkpoint"].startswith("hub:gbatzolis/CoBit/")
+    specs = cfg["sampler_specs"]
+    for spec_name, spec in specs.items():
+        if "_up" not in spec_name:
+            continue
+        n = spec["nfe"] + 1
+        honest = specs[spec_name.replace(f"_up{n}", f"_nfe{n}")]
+        assert honest["nfe"] == n and spec["gamma"] == pytest.approx(honest["gamma"] * (n - 1) / (n - 2))
+        assert "paper" in spec
