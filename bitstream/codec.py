@@ -108,14 +108,15 @@ def official_meta_path(path: str) -> str:
     return (path[:-len(".json")] if path.endswith(".json") else path) + ".meta.json"
 
 
-def given_code_tokenizer(path: str, base_vocab_size: int, eos_id: int):
+def given_code_tokenizer(path: str, base_vocab_size: int, eos_id: int, base_seq_len: int | None = None):
     """``code_tokenizer.path``: a tokenizer JSON (local or ``hub:``), e.g. the official OWT code tokenizer.
 
     The official ``tokenizer_gpt2id_bpe16_*.json`` is a bare BPE over ``chr(0xF0000 + base id)`` with
     ``[PAD]``/``[UNK]``/``[EOSEQ]`` = 0/1/2 -- and, unlike ours, ``"\n"`` at id 3 (its builder trains
     from a newline-separated file), so every id is read from its vocabulary, never from an offset.
     Its ``.meta.json`` (beside it, or fetched beside the hub file) is checked against this run: base
-    character offset, base vocabulary, EOS and special ids. Returns ``(tokenizer, origin record)``.
+    character offset, base vocabulary, EOS and special ids, and (when given) the framed base length it was
+    built for -- its merges were learnt on rows of that length. Returns ``(tokenizer, origin record)``.
     """
     from tokenizers import Tokenizer
 
@@ -138,6 +139,8 @@ def given_code_tokenizer(path: str, base_vocab_size: int, eos_id: int):
                   "eos_token_id_gpt2": (official.get("eos_token_id_gpt2", eos_id), eos_id),
                   "pad_id": (official.get("pad_id", PAD_ID), PAD_ID), "unk_id": (official.get("unk_id", UNK_ID), UNK_ID),
                   "eoseq_id": (official.get("eoseq_id", EOSEQ_ID), EOSEQ_ID)}
+        if base_seq_len is not None and "base_seq_len_tokens" in official:
+            checks["base_seq_len_tokens"] = (official["base_seq_len_tokens"], int(base_seq_len))
         bad = [f"{k} = {got!r} (this run needs {want!r})" for k, (got, want) in checks.items() if got != want]
         if bad:
             raise ValueError(f"{meta_value}: code tokenizer meta does not fit this run: {'; '.join(bad)}")
@@ -179,7 +182,7 @@ def build_code_tokenizer(base_prefix: str | os.PathLike, params: dict, out_dir: 
 
     t0 = time.monotonic()
     if cfg["path"]:
-        tok, origin = given_code_tokenizer(cfg["path"], base_vocab, eos)
+        tok, origin = given_code_tokenizer(cfg["path"], base_vocab, eos, int(base_meta["seq_len"]))
     else:
         print(f"[codec] training BPE to {cfg['vocab_size']} codes on {len(rows)} base rows "
               f"(base vocabulary {base_vocab})", file=sys.stderr, flush=True)

@@ -59,6 +59,14 @@ def parse(value: str) -> HubPath:
 
 
 def offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub sees it (read when it was imported) or as the environment says now."""
+    try:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            return True
+    except ImportError:
+        pass
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
@@ -76,9 +84,9 @@ def download(path: HubPath, what: str = "file") -> tuple[Path, dict]:
         local = hf_hub_download(repo_id=path.repo_id, filename=path.filename, revision=path.revision)
     except Exception as err:  # noqa: BLE001 -- offline, missing, gated, network: all become one message
         how = (f"place a local copy and give its path instead of {path} in the config, or fill the Hugging "
-               f"Face cache on a machine with network access (`huggingface-cli download {path.repo_id} "
+               f"Face cache on a machine with network access (`hf download {path.repo_id} "
                f"{path.filename}" + (f" --revision {path.revision}" if path.revision else "") +
-               "`, then copy HF_HOME over)")
+               "` into a shared HF_HOME)")
         state = "HF_HUB_OFFLINE=1 and it is not in the local cache" if offline() else \
             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         raise FileNotFoundError(f"cannot fetch the {what} {path} ({state}); {how}") from err

@@ -248,5 +248,29 @@ def test_official_code_tokenizer_encodes_and_decodes_like_upstream():
 def test_official_code_tokenizer_meta_must_fit_the_run():
     from bitstream.codec import given_code_tokenizer
 
+    path = str(CODE / "tokenizer_gpt2id_bpe16_51200_base64.json")
     with pytest.raises(ValueError, match=r"meta\.json: code tokenizer meta does not fit.*eos_token_id_gpt2"):
-        given_code_tokenizer(str(CODE / "tokenizer_gpt2id_bpe16_51200_base64.json"), 50257, 0)
+        given_code_tokenizer(path, 50257, 0)
+    with pytest.raises(ValueError, match=r"base_seq_len_tokens = 64 \(this run needs 1024\)"):
+        given_code_tokenizer(path, 50257, 50256, base_seq_len=1024)
+    given_code_tokenizer(path, 50257, 50256, base_seq_len=64)
+
+
+@pytest.mark.skipif(not CODE.is_dir(), reason=f"code tokenizer fixture not found at {CODE}")
+def test_official_code_tokenizer_from_a_hub_path(tmp_path, monkeypatch):
+    """``code_tokenizer.path: hub:...`` fetches the JSON and its .meta.json through huggingface_hub."""
+    from bitstream.codec import given_code_tokenizer
+
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    repo = tmp_path / "hub" / "models--gbatzolis--CoBit"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snap = repo / "snapshots" / commit / "tokenizer"
+    snap.mkdir(parents=True)
+    for name in ("tokenizer_gpt2id_bpe16_51200_base64.json", "tokenizer_gpt2id_bpe16_51200_base64.meta.json"):
+        (snap / name).write_bytes((CODE / name).read_bytes())
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    tok, origin = given_code_tokenizer("hub:gbatzolis/CoBit/tokenizer/tokenizer_gpt2id_bpe16_51200_base64.json",
+                                       50257, 50256, base_seq_len=64)
+    assert origin["commit"] == commit and origin["official_meta"]["recommended_code_seq_len_tokens"] == 63
+    assert tok.get_vocab_size() == 51200
