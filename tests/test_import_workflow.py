@@ -79,6 +79,7 @@ def test_import_sample_metrics_tables_end_to_end(tmp_path):
     assert not (model_dir / "train_log.parquet").exists()
     samples = pd.read_parquet(tmp_path / "results/lm1b_web/samples/released_tiny/det_nfe4/seed0.parquet")
     assert len(samples) == 4 and (samples["nfe"] == 4).all() and (samples["checkpoint_step"] == 3).all()
+    assert (samples["sc_absent"] == 0.0).all() and (samples["model_source"] == "import").all()
     metrics = pd.read_parquet(tmp_path / "results/lm1b_web/metrics/released_tiny/det_nfe4/seed0.parquet")
     assert len(metrics) >= 1
     table = (tmp_path / "results" / "tables" / "table1.md").read_text()

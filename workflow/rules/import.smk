@@ -5,6 +5,12 @@
 # the job is I/O plus one CPU load of the weights (no GPU).
 
 
+def import_params(model):
+    """What the import computes from: the source and the architecture (no training or cluster keys)."""
+    m = config["models"][model]
+    return {"source": m["source"], "import": m["import"], "architecture": m["architecture"]}
+
+
 rule import_model:
     output:
         checkpoint=f"{RESULTS}/{{run}}/models/{{model}}/checkpoints/final.pt",
@@ -13,7 +19,7 @@ rule import_model:
     wildcard_constraints:
         model=IMPORTED_MODELS,
     params:
-        cfg=lambda wc: arg(model_params(wc.model)),
+        cfg=lambda wc: arg(import_params(wc.model)),
         out_dir=lambda wc: model_dir(wc.run, wc.model),
         bits=lambda wc: RUNS[wc.run]["bits"],
         seq_len=lambda wc: RUNS[wc.run]["seq_len"],
