@@ -14,8 +14,8 @@ from conftest import REPO, SHARED_REFERENCE, job_counts, snakemake, tiny_config
 
 OFFICIAL = SHARED_REFERENCE / "official_format"
 TABLES = SHARED_REFERENCE / "entropy_tables" / "lm1b"
-pytestmark = pytest.mark.skipif(not (OFFICIAL / "tiny_sdt").is_dir() or not TABLES.is_dir(),
-                                reason=f"official-format fixtures not found under {SHARED_REFERENCE}")
+needs_fixtures = pytest.mark.skipif(not (OFFICIAL / "tiny_sdt").is_dir() or not TABLES.is_dir(),
+                                    reason=f"official-format fixtures not found under {SHARED_REFERENCE}")
 
 # The fixture's official tiny SDT (architecture.json): P = 11 bits, L = 16 tokens.
 TINY_ARCH = dict(embed_dim=12, n_blocks=2, n_heads=2, dim_ff=36, content_dim=4, head_hidden=10)
@@ -52,12 +52,14 @@ def _write(path: Path, cfg: dict) -> Path:
     return path
 
 
+@needs_fixtures
 def test_dry_run_has_import_and_no_train(tmp_path):
     cfg = _write(tmp_path / "imported.yaml", imported_config())
     counts = job_counts(snakemake("-n", "--cores", "1", "all", "--configfile", str(cfg), cwd=tmp_path).stdout)
     assert counts.get("import_model") == 1 and "train" not in counts, counts
 
 
+@needs_fixtures
 def test_import_without_checkpoint_is_a_config_error(tmp_path):
     cfg = imported_config()
     del cfg["models"]["released_tiny"]["import"]
@@ -66,6 +68,7 @@ def test_import_without_checkpoint_is_a_config_error(tmp_path):
     assert proc.returncode != 0 and "import" in proc.stdout + proc.stderr
 
 
+@needs_fixtures
 @pytest.mark.slow
 def test_import_sample_metrics_tables_end_to_end(tmp_path):
     cfg = _write(tmp_path / "imported.yaml", imported_config())
