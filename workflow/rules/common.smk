@@ -101,7 +101,8 @@ def _without(section, *keys):
 def model_params(model):
     m = config["models"][model]
     res = m["resources"]
-    return {**_without(m, "resources"), "resources": {"gpus": res["gpus"], "cpus": res["cpus"]}}
+    # source/import select the job (train or import_model), they are not training parameters
+    return {**_without(m, "resources", "source", "import"), "resources": {"gpus": res["gpus"], "cpus": res["cpus"]}}
 
 
 def spec_params(spec):
