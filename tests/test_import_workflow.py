@@ -53,13 +53,6 @@ def _write(path: Path, cfg: dict) -> Path:
 
 
 @needs_fixtures
-def test_dry_run_has_import_and_no_train(tmp_path):
-    cfg = _write(tmp_path / "imported.yaml", imported_config())
-    counts = job_counts(snakemake("-n", "--cores", "1", "all", "--configfile", str(cfg), cwd=tmp_path).stdout)
-    assert counts.get("import_model") == 1 and "train" not in counts, counts
-
-
-@needs_fixtures
 def test_import_without_checkpoint_is_a_config_error(tmp_path):
     cfg = imported_config()
     del cfg["models"]["released_tiny"]["import"]
