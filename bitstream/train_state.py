@@ -3,7 +3,9 @@
 A run killed and restarted from ``last.pt`` ends with exactly the same weights as one run straight
 through (spec §13 "Checkpoint contents"; tested), so everything that a step reads and changes lives
 in :class:`TrainState` and is saved by :meth:`TrainState.save`. The file format and the strict
-loading are :mod:`bitstream.checkpoint` (fix of §14.11).
+loading are :mod:`bitstream.checkpoint` (fix of §14.11). Nothing here is diffusion-specific but
+the optional ``entropy`` and ``first_gamma_step``: another trainer on the same cache (the
+autoregressive reference) passes its own named generators and ``entropy=None``.
 """
 
 from __future__ import annotations
