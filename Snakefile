@@ -4,7 +4,7 @@
 #   snakemake --profile slurm all --configfile config/paper/lm1b_cobit_s.yaml
 #   snakemake --cores 2 figures tables           redraw from cached metric files only
 #
-# Stages: corpus -> tokenizer -> token cache -> train -> sample[spec, seed] -> metrics[spec, seed]
+# Stages: corpus -> tokenizer -> token cache -> train (or import_model) -> sample[spec, seed] -> metrics[spec, seed]
 #         -> summary -> tables, figures   (judge and data_stats on the side). See README.md.
 import yaml
 from snakemake.utils import min_version, validate
@@ -34,6 +34,7 @@ report: "workflow/report/workflow.rst"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
+include: "workflow/rules/import.smk"
 include: "workflow/rules/sample.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"

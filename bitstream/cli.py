@@ -13,6 +13,7 @@ STAGES = {
     "data_stats": "real-data unigram entropy per split (spec §9.3)",
     "model": "SDT sizes and parameter counts (spec §6)",
     "train": "train an SDT (spec §2-§7, §13)",
+    "import_model": "import released CoBit weights (official format, local or hub:) instead of training",
     "sample": "sample from a checkpoint (spec §8)",
     "judge": "train or load the GenPPL judge (spec §9.2)",
     "metrics": "GenPPL, entropy, MAUVE for one sample file (spec §9)",

@@ -103,6 +103,51 @@ def check_code_tokenizer(tok, base_vocab_size: int, where: str) -> None:
                          f"tokenizer was built for another base vocabulary than this run's {base_vocab_size}")
 
 
+def official_meta_path(path: str) -> str:
+    """``X.json`` -> ``X.meta.json``: the meta file the official builder writes beside its tokenizer."""
+    return (path[:-len(".json")] if path.endswith(".json") else path) + ".meta.json"
+
+
+def given_code_tokenizer(path: str, base_vocab_size: int, eos_id: int, base_seq_len: int | None = None):
+    """``code_tokenizer.path``: a tokenizer JSON (local or ``hub:``), e.g. the official OWT code tokenizer.
+
+    The official ``tokenizer_gpt2id_bpe16_*.json`` is a bare BPE over ``chr(0xF0000 + base id)`` with
+    ``[PAD]``/``[UNK]``/``[EOSEQ]`` = 0/1/2 -- and, unlike ours, ``"\n"`` at id 3 (its builder trains
+    from a newline-separated file), so every id is read from its vocabulary, never from an offset.
+    Its ``.meta.json`` (beside it, or fetched beside the hub file) is checked against this run: base
+    character offset, base vocabulary, EOS and special ids, and (when given) the framed base length it was
+    built for -- its merges were learnt on rows of that length. Returns ``(tokenizer, origin record)``.
+    """
+    from tokenizers import Tokenizer
+
+    from bitstream.hub import is_hub, resolve_file
+
+    src, prov = resolve_file(path, "code tokenizer (code_tokenizer.path)")
+    try:
+        tok = Tokenizer.from_file(str(src))
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(f"code_tokenizer.path = {path}: not a tokenizers JSON file ({err})") from err
+    check_code_tokenizer(tok, base_vocab_size, where=str(path))
+    origin = {"copied_from": str(path), "resolved_path": str(src), "sha256": sha256_file(src),
+              "revision": prov.get("revision"), "commit": prov.get("commit")}
+    meta_value = official_meta_path(str(path))
+    if is_hub(meta_value) or Path(meta_value).is_file():
+        meta_path, _ = resolve_file(meta_value, "code tokenizer meta (.meta.json beside code_tokenizer.path)")
+        official = read_json(meta_path)
+        checks = {"base_char_offset": (official.get("base_char_offset"), BASE_CHAR_OFFSET),
+                  "vocab_size_gpt2": (official.get("vocab_size_gpt2", base_vocab_size), base_vocab_size),
+                  "eos_token_id_gpt2": (official.get("eos_token_id_gpt2", eos_id), eos_id),
+                  "pad_id": (official.get("pad_id", PAD_ID), PAD_ID), "unk_id": (official.get("unk_id", UNK_ID), UNK_ID),
+                  "eoseq_id": (official.get("eoseq_id", EOSEQ_ID), EOSEQ_ID)}
+        if base_seq_len is not None and "base_seq_len_tokens" in official:
+            checks["base_seq_len_tokens"] = (official["base_seq_len_tokens"], int(base_seq_len))
+        bad = [f"{k} = {got!r} (this run needs {want!r})" for k, (got, want) in checks.items() if got != want]
+        if bad:
+            raise ValueError(f"{meta_value}: code tokenizer meta does not fit this run: {'; '.join(bad)}")
+        origin["official_meta"] = official
+    return tok, origin
+
+
 def encoding_length_stats(lengths: np.ndarray) -> dict:
     lengths = np.asarray(lengths)
     q = np.percentile(lengths, [50, 90, 95, 99, 99.9])
@@ -137,12 +182,7 @@ def build_code_tokenizer(base_prefix: str | os.PathLike, params: dict, out_dir: 
 
     t0 = time.monotonic()
     if cfg["path"]:
-        src = Path(cfg["path"])
-        if not src.exists():
-            raise FileNotFoundError(f"code_tokenizer.path = {src}: file not found")
-        tok = Tokenizer.from_file(str(src))
-        check_code_tokenizer(tok, base_vocab, where=str(src))
-        origin = {"copied_from": str(src), "sha256": sha256_file(src)}
+        tok, origin = given_code_tokenizer(cfg["path"], base_vocab, eos, int(base_meta["seq_len"]))
     else:
         print(f"[codec] training BPE to {cfg['vocab_size']} codes on {len(rows)} base rows "
               f"(base vocabulary {base_vocab})", file=sys.stderr, flush=True)

@@ -18,7 +18,8 @@ Self-conditioning convention (project contract; spec §7, §14.9): ``x0_hat = No
 the same as all bits at probability 0.5, i.e. ``s = (0.5 − 0.5)·c_in = 0``. Upstream trained "absent"
 rows with x̂0 = 0 (probability 0, ``s = −0.5·c_in``) but produced the SC estimate with None; we use
 the one convention everywhere (training fills non-SC rows with 0.5, samplers and the VLB start with
-None). Released upstream weights load by name, but were trained with the other convention.
+None). Released upstream weights load by name, but were trained with the other convention: an imported
+model's config carries ``sc_absent = 0.0`` (``bitstream.import_model``), so None means zeros for it.
 
 Parameter names follow upstream (spec Appendix B) so released EMA checkpoints load strictly.
 ``python -m bitstream.model --sizes`` prints the paper sizes (built on the meta device, instant).
@@ -63,6 +64,11 @@ class SDTConfig:
     sigma_data: float = SIGMA_DATA    # fixed at 0.5 (spec §14.1)
     n_fourier_local: int = 4
     n_fourier_global: int = 32    # "local_only" mode: these 2·32 channels are zeros (spec §6.2 step 3)
+    # Self-conditioning "no estimate yet" (x0_hat = None) as a bit probability: 0.5 for our own models,
+    # 0.0 for imported upstream weights, which were trained and sampled with zeros (spec §7, §14.9).
+    # Recorded in the checkpoint's architecture, so every consumer (samplers, VLB) uses the convention
+    # the weights were trained with without knowing about it.
+    sc_absent: float = 0.5
 
     def __post_init__(self):
         if self.embed_dim % self.n_heads or (self.embed_dim // self.n_heads) % 2:
@@ -310,7 +316,8 @@ class SDT(nn.Module):
     def forward(self, x_sigma: torch.Tensor, sigma: torch.Tensor, x0_hat: torch.Tensor | None = None) -> torch.Tensor:
         """Raw residual logit ``r`` [B, S] for noisy bits ``x_sigma`` [B, S] at noise ``sigma`` [B] (§6.2).
 
-        ``x0_hat`` [B, S]: self-conditioning bit probabilities, or None = absent = all 0.5 (s = 0). It is
+        ``x0_hat`` [B, S]: self-conditioning bit probabilities, or None = absent = all bits at the
+        config's ``sc_absent`` probability (0.5, i.e. s = 0, unless the weights were imported). It is
         ignored when the config has ``self_condition: false``.
         """
         cfg = self.cfg
@@ -327,7 +334,7 @@ class SDT(nn.Module):
         a = (x_sigma.float() - 0.5) * scale
         content = self.cont_input_proj(a[..., None])
         if cfg.self_condition:
-            s = torch.zeros_like(a) if x0_hat is None else (x0_hat.float() - 0.5) * scale
+            s = ((cfg.sc_absent - 0.5) * scale).expand_as(a) if x0_hat is None else (x0_hat.float() - 0.5) * scale
             content = torch.cat([content, self.cont_input_proj(s[..., None])], dim=-1)
 
         # 3-4. positional features, bit-patching (bit-major inside a token)

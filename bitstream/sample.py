@@ -179,6 +179,8 @@ def main(argv=None) -> None:
         "precision": "bf16-autocast" if device.type == "cuda" else "fp32",
         "torch_version": torch.__version__, "checkpoint": str(checkpoint),
         "checkpoint_step": int(meta["step"]) if meta.get("step") is not None else -1,
+        # self-conditioning "no estimate yet" of these weights (0.5 ours, 0.0 imported upstream weights)
+        "sc_absent": float(arch.get("sc_absent", 0.5)), "model_source": meta.get("source", "train"),
         **provenance({k: v for k, v in spec.items() if k not in ("resources", "paper")}),
     }
     import pandas as pd

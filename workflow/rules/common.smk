@@ -35,6 +35,13 @@ def _names_regex(names):
     return "|".join(re.escape(n) for n in names) or "(?!x)x"
 
 
+def model_source(model):
+    """``train`` (the train job) or ``import`` (the import_model job reads released weights)."""
+    return config["models"][model].get("source", "train")
+
+
+TRAINED_MODELS = _names_regex(m for m in config["models"] if model_source(m) == "train")
+IMPORTED_MODELS = _names_regex(m for m in config["models"] if model_source(m) == "import")
 LM1B_RUNS = _names_regex(r for r, rc in RUNS.items() if rc["style"] == "lm1b")
 OWT_RUNS = _names_regex(r for r, rc in RUNS.items() if rc["style"] == "owt")
 SPLIT_NAMES = ("train", "validation", "test")
@@ -94,7 +101,8 @@ def _without(section, *keys):
 def model_params(model):
     m = config["models"][model]
     res = m["resources"]
-    return {**_without(m, "resources"), "resources": {"gpus": res["gpus"], "cpus": res["cpus"]}}
+    # source/import select the job (train or import_model), they are not training parameters
+    return {**_without(m, "resources", "source", "import"), "resources": {"gpus": res["gpus"], "cpus": res["cpus"]}}
 
 
 def spec_params(spec):

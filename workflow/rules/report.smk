@@ -3,7 +3,9 @@
 
 
 def train_logs():
-    return [f"{model_dir(r, m)}/train_log.parquet" for r, rc in RUNS.items() for m in rc["models"]]
+    """Only trained models have a training log (imported ones have import.json instead)."""
+    return [f"{model_dir(r, m)}/train_log.parquet" for r, rc in RUNS.items() for m in rc["models"]
+            if model_source(m) == "train"]
 
 
 def entropy_tables():

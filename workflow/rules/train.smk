@@ -17,6 +17,8 @@ rule train:
         checkpoint=f"{RESULTS}/{{run}}/models/{{model}}/checkpoints/final.pt",
         entropy=[f"{RESULTS}/{{run}}/models/{{model}}/entropy/entropy_{t}.pt" for t in ENTROPY_TABLES],
         train_log=f"{RESULTS}/{{run}}/models/{{model}}/train_log.parquet",
+    wildcard_constraints:
+        model=TRAINED_MODELS,  # imported models come from rule import_model (import.smk) instead
     params:
         cfg=lambda wc: arg(model_params(wc.model)),
         launcher=lambda wc: launcher(model_resources(wc)),
