@@ -52,7 +52,7 @@ from collections import deque
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from bitstream.io import parse_json_arg, provenance, sha256_file, write_json
+from bitstream.io import parse_json_arg, provenance, sha256_file, stage_main, write_json
 from bitstream.parallel import chunked
 from bitstream.progress import Progress
 
@@ -450,6 +450,7 @@ def read_split(corpus_dir: str | os.PathLike, split: str) -> Iterator[str]:
                 raise ValueError(f"{path}:{lineno}: expected a JSON object with a 'text' field ({err})")
 
 
+@stage_main("corpus")
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bitstream.corpus", description=__doc__.split("\n")[0])
     ap.add_argument("--params", required=True, help='{"style": ..., "corpus": {...}} (JSON or @file)')

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from bitstream.io import parse_json_arg, provenance, read_json, write_json
+from bitstream.io import parse_json_arg, provenance, read_json, stage_main, write_json
 from bitstream.progress import Progress
 
 JUDGE_META = "judge_meta.json"
@@ -375,6 +375,7 @@ def build_judge(corpus_dir, tokenizer_dir, params: dict, out_dir, name: str | No
     return meta
 
 
+@stage_main("judge")
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bitstream.judge", description=__doc__.split("\n")[0])
     ap.add_argument("--corpus-dir", required=True, help="results/{run}/corpus")

@@ -43,7 +43,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from bitstream.io import atomic_path, parse_json_arg, provenance, read_json, sha256_file, write_json
+from bitstream.io import atomic_path, parse_json_arg, provenance, read_json, sha256_file, stage_main, write_json
 from bitstream.parallel import chunked, ordered_map
 from bitstream.progress import Progress
 
@@ -385,6 +385,7 @@ def build_cache(corpus_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike,
     return meta
 
 
+@stage_main("token_cache")
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bitstream.token_cache", description=__doc__.split("\n")[0])
     ap.add_argument("--corpus-dir", required=True, help="results/{run}/corpus")

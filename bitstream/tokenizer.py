@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bitstream.io import parse_json_arg, provenance, read_json, write_json
+from bitstream.io import parse_json_arg, provenance, read_json, stage_main, write_json
 
 WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 EOS = "<|endoftext|>"
@@ -226,6 +226,7 @@ def load_tokenizer(tokenizer_dir: str | os.PathLike):
     return AutoTokenizer.from_pretrained(str(tokenizer_dir)), meta
 
 
+@stage_main("tokenizer")
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bitstream.tokenizer", description=__doc__.split("\n")[0])
     ap.add_argument("--corpus-dir", required=True, help="results/{run}/corpus")
