@@ -128,11 +128,18 @@ def read_lines(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
         if not path.exists():
             raise FileNotFoundError(f"{path}: corpus text file not found")
         opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8", errors="strict") as f:
-            for line in f:
-                line = line.strip()
-                if line:
-                    yield line
+        try:
+            with opener(path, "rt", encoding="utf-8", errors="strict") as f:
+                for line in f:
+                    line = line.strip()
+                    if line:
+                        yield line
+        except UnicodeDecodeError as err:
+            bad = err.object[err.start:err.start + 1].hex()
+            raise ValueError(f"{path}: not UTF-8 text ({err.reason}: byte 0x{bad}); "
+                             f"expected UTF-8 -- convert it, e.g. iconv -f latin1 -t utf-8") from err
+        except (EOFError, gzip.BadGzipFile) as err:
+            raise ValueError(f"{path}: not a readable gzip file ({err})") from err
 
 
 def group_documents(lines: Iterable[str], lines_per_document: int) -> Iterator[str]:
