@@ -192,9 +192,13 @@ def check_writable(path: str | os.PathLike) -> None:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path}: is a directory; expected a file path for the output")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent  # probe the nearest existing ancestor: create nothing yet
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(existing))
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=existing)
         os.close(fd)
         os.unlink(tmp)
     except OSError as err:
