@@ -52,7 +52,7 @@ from collections import deque
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from bitstream.io import parse_json_arg, provenance, sha256_file, stage_main, write_json
+from bitstream.io import UserError, os_error_message, parse_json_arg, provenance, sha256_file, stage_main, write_json
 from bitstream.parallel import chunked
 from bitstream.progress import Progress
 
@@ -283,7 +283,10 @@ class _SplitFiles:
 
     def abort(self) -> None:
         for f in self.files.values():
-            f.close()
+            try:
+                f.close()
+            except OSError:  # flushing the buffer fails again on a full disk; the file goes anyway
+                pass
         for p in self.tmp.values():
             p.unlink(missing_ok=True)
 
@@ -423,6 +426,11 @@ def build_corpus(params: dict, out_dir: str | os.PathLike) -> dict:
                 details = _build_lines(cfg, out, progress)
             n_read = progress.n
         sha = out.commit()
+    except OSError as err:
+        out.abort()
+        if err.filename is None:  # a failed write to the split files (no space, quota): name the directory
+            raise UserError(os_error_message(err, out_dir, "cannot write")) from err
+        raise
     except BaseException:
         out.abort()
         raise

@@ -14,6 +14,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -57,8 +58,39 @@ def os_error_message(err: OSError, path: str | os.PathLike | None = None, action
     """``PATH: <action>: no space left on device`` -- the path first, then what went wrong."""
     where = path if path is not None else (err.filename or "?")
     reason = _OS_REASONS.get(err.errno) or err.strerror or str(err)
+    if err.errno is None and path is not None:
+        # numpy's short write ("83168 requested and 14336 written") carries no errno: say why
+        free = _free_bytes(Path(path))
+        if free is not None and free < (1 << 20):
+            reason = f"no space left on device ({free} bytes free; {reason})"
     return f"{where}: {action + ': ' if action else ''}{reason}" + (f" [errno {errno.errorcode.get(err.errno, err.errno)}]"
                                                                    if err.errno else "")
+
+
+def _as_os_error(err: BaseException) -> OSError | None:
+    """The OS error behind ``err``: itself, the one torch's zip writer wrapped, or the errno in the
+    text of a Rust ``tokenizers`` error ("No space left on device (os error 28)")."""
+    if isinstance(err, UserError):
+        return None
+    if isinstance(err, OSError):
+        return err
+    cause = err.__cause__ or err.__context__
+    if isinstance(cause, OSError):
+        return cause
+    m = re.search(r"\(os error (\d+)\)", str(err))
+    if m:
+        code = int(m.group(1))
+        return OSError(code, os.strerror(code))
+    return None
+
+
+def _free_bytes(path: Path) -> int | None:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
 
 
 def one_line(err: BaseException) -> str:
@@ -155,8 +187,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             if tmp_path.is_file():
                 os.chmod(tmp_path, 0o644)  # mkstemp creates 0600; outputs are meant to be shared
             os.replace(tmp_path, path)
-        except OSError as err:
-            raise UserError(os_error_message(err, path, "cannot write")) from err
+        except Exception as err:  # noqa: BLE001 -- only OS errors are converted, the rest re-raised
+            os_err = _as_os_error(err)
+            if os_err is None:
+                raise
+            raise UserError(os_error_message(os_err, path, "cannot write")) from err
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -179,8 +214,11 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             if path.exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)
-        except OSError as err:
-            raise UserError(os_error_message(err, path, "cannot write")) from err
+        except Exception as err:  # noqa: BLE001 -- only OS errors are converted, the rest re-raised
+            os_err = _as_os_error(err)
+            if os_err is None:
+                raise
+            raise UserError(os_error_message(os_err, path, "cannot write")) from err
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
