@@ -428,7 +428,7 @@ def build_corpus(params: dict, out_dir: str | os.PathLike) -> dict:
         sha = out.commit()
     except OSError as err:
         out.abort()
-        if err.filename is None:  # a failed write to the split files (no space, quota): name the directory
+        if err.errno is not None and err.filename is None:  # a failed write to the split files (no space, quota): name the directory
             raise UserError(os_error_message(err, out_dir, "cannot write")) from err
         raise
     except BaseException:
