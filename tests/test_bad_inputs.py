@@ -373,3 +373,65 @@ def test_editing_a_text_corpus_reruns_the_corpus(tmp_path):
     text.write_text(text.read_text() + "a new line of text\n")
     out = snakemake("-n", *args, cwd=tmp_path).stdout
     assert "rule corpus" in out and "Nothing to be done" not in out
+
+
+# ---- the job wrapper hands signals to the trainer ----
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmd and "pytest" not in cmd:
+                pids.append(int(proc.name))
+    return pids
+
+
+def test_killing_the_train_jobs_wrapper_stops_the_trainer(tmp_path):
+    """The train rule's shell command, run as Snakemake runs it (bash -c 'set -euo pipefail; ...'):
+    killing that shell's PID must stop training. With `python ... | tee` the trainer kept running and
+    wrote final.pt after Snakemake had reported the job failed."""
+    import signal
+    import time
+
+    import numpy as np
+
+    cfg = ["--config", "models={sdt_tiny:{architecture:{embed_dim:16,n_blocks:1,n_heads:2,dim_ff:32,content_dim:4,"
+           "head_hidden:8},training:{steps:100000,batch_size:4,checkpoint_every:100000,log_every:1000,"
+           "val_every:100000}}}"]
+    target = "results/lm1b_web/models/sdt_tiny/checkpoints/final.pt"
+    out = snakemake("-n", "-p", "--cores", "1", target, *cfg, cwd=tmp_path).stdout
+    cmd = next(line for line in out.splitlines() if "-m bitstream.train" in line).strip()
+    cmd = cmd.removeprefix("Shell command:").strip()
+    params = json.loads(cmd.split("--params ", 1)[1].split("' --out-dir")[0].strip("'"))
+    seq_len, bits = int(cmd.split("--seq-len ")[1].split()[0]), int(cmd.split("--bits ")[1].split()[0])
+    cache = tmp_path / "results" / "lm1b_web" / "cache"
+    cache.mkdir(parents=True)
+    for split in ("train", "validation"):
+        rows = np.random.default_rng(0).integers(0, 50, (64, seq_len)).astype(np.uint16)
+        rows.tofile(cache / f"{split}.u16")
+        (cache / f"{split}.meta.json").write_text(json.dumps({"n_rows": 64, "seq_len": seq_len, "vocab_size": 50,
+                                                              "bits": bits, "dtype": "uint16"}))
+    (tmp_path / "results" / "lm1b_web" / "logs").mkdir()
+    assert params["training"]["steps"] == 100000
+    wrapper = subprocess.Popen(["bash", "-c", f"set -euo pipefail; {cmd}"], cwd=tmp_path, start_new_session=True)
+    out_dir = str(tmp_path / "results" / "lm1b_web" / "models" / "sdt_tiny")
+    attempts = Path(out_dir) / "train_attempts.log"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "start:" not in (attempts.read_text() if attempts.exists() else ""):
+            time.sleep(0.2)
+        assert "start:" in attempts.read_text(), "trainer did not start"
+        wrapper.send_signal(signal.SIGKILL)           # the wrapper's PID, as a scheduler would
+        wrapper.wait(timeout=10)
+        time.sleep(1.0)
+        assert not _processes_mentioning("results/lm1b_web/models/sdt_tiny"), "trainer survived its wrapper"
+        assert not (Path(out_dir) / "checkpoints" / "final.pt").exists()
+    finally:
+        os.killpg(wrapper.pid, signal.SIGKILL) if wrapper.poll() is None else None
+        for pid in _processes_mentioning(out_dir):
+            os.kill(pid, signal.SIGKILL)
