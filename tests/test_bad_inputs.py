@@ -429,9 +429,12 @@ def test_killing_the_train_jobs_wrapper_stops_the_trainer(tmp_path):
         wrapper.send_signal(signal.SIGKILL)           # the wrapper's PID, as a scheduler would
         wrapper.wait(timeout=10)
         time.sleep(1.0)
-        assert not _processes_mentioning("results/lm1b_web/models/sdt_tiny"), "trainer survived its wrapper"
+        survivors = [pid for pid in _processes_mentioning("--out-dir results/lm1b_web/models/sdt_tiny")
+                     if Path(f"/proc/{pid}/cwd").resolve() == tmp_path.resolve()]
+        assert not survivors, "trainer survived its wrapper"
         assert not (Path(out_dir) / "checkpoints" / "final.pt").exists()
     finally:
         os.killpg(wrapper.pid, signal.SIGKILL) if wrapper.poll() is None else None
-        for pid in _processes_mentioning(out_dir):
-            os.kill(pid, signal.SIGKILL)
+        for pid in _processes_mentioning(f"--out-dir results/lm1b_web/models/sdt_tiny"):
+            if Path(f"/proc/{pid}/cwd").resolve() == tmp_path.resolve():  # only the one this test started
+                os.kill(pid, signal.SIGKILL)
