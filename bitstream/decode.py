@@ -68,8 +68,8 @@ def run_data_identity(run_dir: str | os.PathLike) -> dict | None:
                        if (p := run_dir / "cache" / f"{s}.meta.json").exists()), None)
     if cache_meta is None:
         return None
-    return {"bits": int(cache_meta["bits"]), "seq_len": int(cache_meta["seq_len"]),
-            "vocab_size": int(cache_meta["vocab_size"]), "tokenizer_sha256": tokenizer_fingerprint(run_dir)}
+    out = {k: int(cache_meta[k]) for k in ("bits", "seq_len", "vocab_size") if cache_meta.get(k) is not None}
+    return {**out, "tokenizer_sha256": tokenizer_fingerprint(run_dir)}
 
 
 @dataclass
