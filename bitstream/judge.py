@@ -313,6 +313,8 @@ def train_judge(corpus_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike,
 def _save_pretrained_atomic(model, tokenizer, out_dir: Path) -> None:
     """save_pretrained into a temporary directory, then move each file into place."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".judge.*"):  # what a save killed by SIGKILL left behind
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=".judge.", dir=out_dir))
     try:
         model.save_pretrained(tmp)

@@ -266,8 +266,16 @@ def paper_numbers():
     return out
 
 
+def model_outputs():
+    """Every training output. They are targets of `all` as well as inputs of their consumers: Snakemake
+    does not rebuild a missing *intermediate* file while the files made from it exist, so a deleted
+    entropy table or final.pt would otherwise go unnoticed (issue 13)."""
+    files = ["checkpoints/final.pt", "train_log.parquet", *(f"entropy/entropy_{t}.pt" for t in ENTROPY_TABLES)]
+    return [f"{model_dir(r, m)}/{f}" for r, rc in RUNS.items() for m in rc["models"] for f in files]
+
+
 def all_outputs():
-    out = data_outputs()
+    out = data_outputs() + model_outputs()
     out += [f"{RESULTS}/{run}/summary.parquet" for run in RUNS]
     out += TABLES + FIGURES
     return out
