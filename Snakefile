@@ -20,10 +20,39 @@ if not workflow.overwrite_configfiles:
 
 
 # Snakemake reads --config values with YAML's BaseLoader, which keeps every nested value a string
-# (`seeds=[0,1]` -> ['0', '1']); read them again with the safe loader so types survive validation.
+# (`seeds=[0,1]` -> ['0', '1']); read them again with the safe loader so types survive validation,
+# and merge nested mappings key by key: `models={sdt_tiny:{training:{steps:10}}}` changes one key and
+# keeps every other key of sdt_tiny (replacing the section would let the schema's paper-size
+# defaults fill the gaps silently).
+def _merge(base, override):
+    if not isinstance(base, dict) or not isinstance(override, dict):
+        return override
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = _merge(base.get(k), v)
+    return out
+
+
+def _compact(obj):
+    """YAML reads the shell-friendly `{steps:10}` (no space after the colon) as the key 'steps:10'
+    with no value (Snakemake's own reading, already merged into config, gives it the value ''); read
+    such a key as `steps: 10`."""
+    if isinstance(obj, list):
+        return [_compact(v) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    out = {}
+    for k, v in obj.items():
+        if v in (None, "") and isinstance(k, str) and ":" in k:
+            k, _, text = k.partition(":")
+            v = yaml.safe_load(text)
+        out[k] = _compact(v)
+    return out
+
+
 for _entry in workflow.config_settings.config_args or []:
     _key, _, _value = _entry.partition("=")
-    config[_key] = yaml.safe_load(_value)
+    config[_key] = _compact(_merge(config.get(_key), _compact(yaml.safe_load(_value))))
 
 validate(config, "workflow/schemas/config.schema.yaml")
 

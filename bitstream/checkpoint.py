@@ -24,6 +24,7 @@ containers, so no pickled code is ever executed.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -161,16 +162,40 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> d
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: checkpoint not found")
+    if not path.is_file():
+        raise ValueError(f"{path}: is a directory; expected a checkpoint file (final.pt / last.pt)")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError:
+        raise
     except Exception as err:  # noqa: BLE001 -- unpickling errors come in many types
-        raise ValueError(f"{path}: not a readable checkpoint ({type(err).__name__}: {err})") from err
+        # torch's own text suggests weights_only=False, i.e. running pickled code from an unknown
+        # file; a checkpoint of ours never needs that, so only the first line of the reason is kept.
+        text = str(err)
+        m = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
+        if m and m.group(1).strip():
+            reason = f"not a tensor-only torch file: {m.group(1).strip()[:160]}"
+        elif "weights_only" in text or not text.strip():
+            reason = "not a tensor-only torch file"
+        else:
+            reason = text.strip().splitlines()[0].split(". ")[0][:160]
+        raise ValueError(f"{path}: not a readable checkpoint ({reason}); expected a file written by "
+                         f"bitstream.train -- retrain or restore it") from err
     if not isinstance(obj, dict) or "format" not in obj:
         raise ValueError(f"{path}: not a bitstream checkpoint (no 'format' key)")
     if obj["format"] not in (TRAIN_STATE_FORMAT, MODEL_FORMAT):
         raise ValueError(f"{path}: unknown checkpoint format {obj['format']!r} "
                          f"(expected {TRAIN_STATE_FORMAT!r} or {MODEL_FORMAT!r})")
     return obj
+
+
+def check_finite(state: Mapping[str, Any], where: str) -> None:
+    """Refuse weights holding NaN / Inf (a diverged run must never be sampled or evaluated)."""
+    bad = sorted(k for k, v in state.items()
+                 if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()))
+    if bad:
+        raise ValueError(f"{where}: {len(bad)} weight tensor(s) hold NaN/Inf ({_short(bad, 3)}); training "
+                         f"diverged -- lower training.lr or resume from an earlier checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -216,6 +241,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     training = meta.get("training", {})
     model = build_model(meta["architecture"], meta["bits"], meta["seq_len"], training.get("sigma_data", 0.5))
     weights = ckpt["model"] if ckpt["format"] == MODEL_FORMAT else ckpt["ema"]["shadow"]
+    check_finite(weights, str(path))
     load_state_dict_strict(model, weights, str(path))
     model.to(device).eval()
     for p in model.parameters():

@@ -40,7 +40,7 @@ from typing import Sequence
 
 import numpy as np
 
-from bitstream.io import atomic_path, parse_json_arg, provenance, read_json, sha256_file, write_json
+from bitstream.io import atomic_path, parse_json_arg, provenance, read_json, sha256_file, stage_main, write_json
 from bitstream.parallel import ordered_map
 from bitstream.progress import Progress
 from bitstream.token_cache import BASE_FORMAT, UINT16_VOCAB, cache_paths, load_cache, open_rows, write_meta
@@ -380,6 +380,7 @@ def inverse_codec(codes: Sequence[int], code_dir: str | os.PathLike) -> list[int
     return InverseCodec.from_dir(code_dir)(codes)
 
 
+@stage_main("codec")
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bitstream.codec", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)

@@ -52,7 +52,7 @@ from collections import deque
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from bitstream.io import parse_json_arg, provenance, sha256_file, write_json
+from bitstream.io import UserError, os_error_message, parse_json_arg, provenance, sha256_file, stage_main, write_json
 from bitstream.parallel import chunked
 from bitstream.progress import Progress
 
@@ -128,11 +128,18 @@ def read_lines(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
         if not path.exists():
             raise FileNotFoundError(f"{path}: corpus text file not found")
         opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", encoding="utf-8", errors="strict") as f:
-            for line in f:
-                line = line.strip()
-                if line:
-                    yield line
+        try:
+            with opener(path, "rt", encoding="utf-8", errors="strict") as f:
+                for line in f:
+                    line = line.strip()
+                    if line:
+                        yield line
+        except UnicodeDecodeError as err:
+            bad = err.object[err.start:err.start + 1].hex()
+            raise ValueError(f"{path}: not UTF-8 text ({err.reason}: byte 0x{bad}); "
+                             f"expected UTF-8 -- convert it, e.g. iconv -f latin1 -t utf-8") from err
+        except (EOFError, gzip.BadGzipFile) as err:
+            raise ValueError(f"{path}: not a readable gzip file ({err})") from err
 
 
 def group_documents(lines: Iterable[str], lines_per_document: int) -> Iterator[str]:
@@ -276,7 +283,10 @@ class _SplitFiles:
 
     def abort(self) -> None:
         for f in self.files.values():
-            f.close()
+            try:
+                f.close()
+            except OSError:  # flushing the buffer fails again on a full disk; the file goes anyway
+                pass
         for p in self.tmp.values():
             p.unlink(missing_ok=True)
 
@@ -416,6 +426,11 @@ def build_corpus(params: dict, out_dir: str | os.PathLike) -> dict:
                 details = _build_lines(cfg, out, progress)
             n_read = progress.n
         sha = out.commit()
+    except OSError as err:
+        out.abort()
+        if err.errno is not None and err.filename is None:  # a failed write to the split files (no space, quota): name the directory
+            raise UserError(os_error_message(err, out_dir, "cannot write")) from err
+        raise
     except BaseException:
         out.abort()
         raise
@@ -450,6 +465,7 @@ def read_split(corpus_dir: str | os.PathLike, split: str) -> Iterator[str]:
                 raise ValueError(f"{path}:{lineno}: expected a JSON object with a 'text' field ({err})")
 
 
+@stage_main("corpus")
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bitstream.corpus", description=__doc__.split("\n")[0])
     ap.add_argument("--params", required=True, help='{"style": ..., "corpus": {...}} (JSON or @file)')

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from bitstream.entropy import per_sample_unigram_entropy
-from bitstream.io import parse_json_arg, provenance, write_parquet
+from bitstream.io import parse_json_arg, provenance, stage_main, write_parquet
 from bitstream.progress import Progress
 
 SPLITS = ("train", "validation", "test")
@@ -78,6 +78,7 @@ def data_stats(run_dir, params: dict):
     return pd.DataFrame(rows)
 
 
+@stage_main("data_stats")
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bitstream.data_stats", description=__doc__.split("\n")[0])
     ap.add_argument("--run-dir", required=True, help="results/{run}")

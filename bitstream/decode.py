@@ -32,9 +32,44 @@ from pathlib import Path
 
 import numpy as np
 
-from bitstream.io import read_json
+from bitstream.io import read_json, sha256_file
 
 SPLIT_ORDER = ("test", "validation", "train")
+
+
+def tokenizer_fingerprint(run_dir: str | os.PathLike) -> str:
+    """Short SHA-256 over the tokenizer file(s) that map a run's model ids to text: tokenizer/base's
+    tokenizer.json, plus tokenizer/code's for OWT-style runs. Training records it in the checkpoint;
+    sampling refuses a checkpoint whose fingerprint differs (ids of another tokenizer decode to
+    garbage without any error)."""
+    run_dir = Path(run_dir)
+    files = [run_dir / "tokenizer" / "base" / "tokenizer.json"]
+    if (run_dir / "tokenizer" / "code" / "tokenizer.json").exists():
+        files.append(run_dir / "tokenizer" / "code" / "tokenizer.json")
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]}: tokenizer file not found")
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in files:
+        h.update(bytes.fromhex(sha256_file(f)))
+    return h.hexdigest()[:16]
+
+
+def run_data_identity(run_dir: str | os.PathLike) -> dict | None:
+    """What a model trained on a run's caches must agree with to be decoded there: ``bits``,
+    ``seq_len`` and ``vocab_size`` (model ids) of its cache meta and the :func:`tokenizer_fingerprint`.
+    None when ``run_dir`` holds no tokenizer (e.g. caches built outside the workflow)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "tokenizer" / "base" / "tokenizer.json").is_file():
+        return None
+    cache_meta = next((read_json(p) for s in SPLIT_ORDER
+                       if (p := run_dir / "cache" / f"{s}.meta.json").exists()), None)
+    if cache_meta is None:
+        return None
+    out = {k: int(cache_meta[k]) for k in ("bits", "seq_len", "vocab_size") if cache_meta.get(k) is not None}
+    return {**out, "tokenizer_sha256": tokenizer_fingerprint(run_dir)}
 
 
 @dataclass

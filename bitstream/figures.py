@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from bitstream.io import atomic_path  # noqa: E402
+from bitstream.io import atomic_path, stage_main  # noqa: E402
 
 FIGURES = ("genppl_entropy_frontier", "entropy_rate_profile", "training_curves", "samples_per_second")
 ENTROPY_TABLES = ("pdf", "cdf", "sigmas", "edges")
@@ -294,6 +294,7 @@ def build_figures(run_dirs, out_dir) -> list[Path]:
     return list(paths.values())
 
 
+@stage_main("figures")
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bitstream.figures", description=__doc__.split("\n")[0])
     ap.add_argument("--run-dirs", nargs="+", required=True, help="results/{run} ...")

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from bitstream.io import parse_json_arg, provenance, read_json, write_json
+from bitstream.io import parse_json_arg, provenance, read_json, stage_main, write_json
 from bitstream.progress import Progress
 
 JUDGE_META = "judge_meta.json"
@@ -313,6 +313,8 @@ def train_judge(corpus_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike,
 def _save_pretrained_atomic(model, tokenizer, out_dir: Path) -> None:
     """save_pretrained into a temporary directory, then move each file into place."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".judge.*"):  # what a save killed by SIGKILL left behind
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=".judge.", dir=out_dir))
     try:
         model.save_pretrained(tmp)
@@ -375,6 +377,7 @@ def build_judge(corpus_dir, tokenizer_dir, params: dict, out_dir, name: str | No
     return meta
 
 
+@stage_main("judge")
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bitstream.judge", description=__doc__.split("\n")[0])
     ap.add_argument("--corpus-dir", required=True, help="results/{run}/corpus")

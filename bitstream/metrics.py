@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from bitstream.entropy import unigram_entropy  # noqa: F401  (public API: bitstream.metrics.unigram_entropy)
-from bitstream.io import parse_json_arg, provenance, write_parquet
+from bitstream.io import parse_json_arg, provenance, stage_main, write_parquet
 from bitstream.progress import Progress
 
 __all__ = ["GenPPLResult", "gen_ppl", "unigram_entropy", "invalid_code_rate", "mauve_score",
@@ -273,6 +273,7 @@ def real_row(run_dir, scorer, params: dict, run: str | None = None) -> dict:
 # CLI
 
 
+@stage_main("metrics")
 def main(argv: list[str] | None = None) -> None:
     import pandas as pd
 

@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bitstream.diffusion import LOGIT_MODES, SIGMA_DATA, c_in, c_noise, denoise_logits
+from bitstream.io import stage_main
 
 try:  # optional extra (pyproject [gpu]); used only for `attention: flash` on CUDA in half precision
     from flash_attn import flash_attn_func
@@ -373,6 +374,7 @@ def count_params(cfg: SDTConfig) -> int:
         return SDT(cfg).num_params()
 
 
+@stage_main("model")
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bitstream.model", description="SDT parameter counts (spec §6.1).")
     ap.add_argument("--sizes", action="store_true", help="the paper's three model sizes")

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bitstream.io import parse_json_arg, provenance, write_parquet
+from bitstream.io import check_writable, parse_json_arg, provenance, stage_main, write_parquet
 from bitstream.progress import Progress
 from bitstream.samplers import SampleNoise, SamplerPlan, model_denoiser, plan_from_spec, run_plan, spec_with_defaults
 
@@ -73,6 +73,31 @@ def run_and_model_from_checkpoint(checkpoint: Path) -> tuple[str, str]:
     if len(parts) >= 5 and parts[-2] == "checkpoints" and parts[-4] == "models":
         return parts[-5], parts[-3]
     return "?", "?"
+
+
+def check_fits_run(meta: dict, run_dir, decoder, checkpoint) -> None:
+    """Refuse, before any sampling, a checkpoint that does not fit the run it is decoded in: its bit
+    width and sequence length against the run's caches and decoder, and -- for checkpoints that
+    record them (``meta["data"]``, written by training) -- the model vocabulary and the tokenizer
+    fingerprint (ids of another tokenizer decode to fluent-looking garbage, not to an error)."""
+    from bitstream.decode import run_data_identity
+
+    here = run_data_identity(run_dir) or {}
+    problems = []
+    if int(meta["bits"]) != decoder.bits:
+        problems.append(f"bits: checkpoint {meta['bits']}, run {decoder.bits}")
+    if "seq_len" in here and int(meta["seq_len"]) != here["seq_len"]:
+        problems.append(f"seq_len: checkpoint {meta['seq_len']}, run {here['seq_len']}")
+    saved = meta.get("data") or {}
+    if "vocab_size" in saved and saved["vocab_size"] != decoder.model_vocab_size:
+        problems.append(f"vocab_size: checkpoint {saved['vocab_size']}, run {decoder.model_vocab_size}")
+    if saved.get("tokenizer_sha256") and here.get("tokenizer_sha256") \
+            and saved["tokenizer_sha256"] != here["tokenizer_sha256"]:
+        problems.append(f"tokenizer fingerprint: checkpoint {saved['tokenizer_sha256']}, run "
+                        f"{here['tokenizer_sha256']} (trained with another tokenizer)")
+    if problems:
+        raise ValueError(f"{checkpoint}: checkpoint does not fit run directory {run_dir} ("
+                         + "; ".join(problems) + "); sample it in the run it was trained in")
 
 
 def generate_bits(denoiser, plan: SamplerPlan, num_bits: int, num_samples: int, micro_batch: int, seed: int,
@@ -122,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@stage_main("sample")
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     if args.threads > 0:
@@ -140,8 +166,11 @@ def main(argv=None) -> None:
         from bitstream.checkpoint import load_model
         from bitstream.decode import TextDecoder
 
+        num_samples, micro_batch = int(spec["num_samples"]), int(spec["micro_batch"])
+        check_writable(args.out)
         decoder = TextDecoder.from_run_dir(args.run_dir)
         model, meta = load_model(str(checkpoint), device=str(device))
+        check_fits_run(meta, args.run_dir, decoder, checkpoint)
         width, seq_len = int(meta["bits"]), int(meta["seq_len"])
     except (ValueError, FileNotFoundError, KeyError) as err:
         raise SystemExit(f"sample: {err}")
@@ -150,7 +179,6 @@ def main(argv=None) -> None:
     denoiser = model_denoiser(model, mode=arch.get("logit_mode", "matched_filter_residual"),
                               clip=float(arch.get("mf_clip", 30.0)))
     torch.manual_seed(args.seed)  # nothing should draw from the global generator; keep it fixed anyway
-    num_samples, micro_batch = int(spec["num_samples"]), int(spec["micro_batch"])
     run_name, model_name = run_and_model_from_checkpoint(checkpoint)
     spec_name = args.spec_name or config_name or default_spec_name(spec)
     print(f"[sample] {spec_name}: {plan.sampler} N={plan.num_points} σ {plan.sigmas[0]:.4g} -> "

@@ -236,7 +236,8 @@ def sample_ddim(
 
     then one final call at σ_{N−1} and ``bits = D_final > threshold``. The step uses the true state
     noise σ̂; only the label is shifted. Self-conditioning: ``carry`` feeds D into the next call (and the
-    final one) at no cost; ``refined`` adds a call at the new state (label σ_{i+1}, SC input D) whose
+    final one) at no cost; ``refined`` adds a call at the new state (label ``ati_shift(σ_{i+1}, σ̂, η)``:
+    the state came from σ̂, so σ̂ is the noisier reference; SC input D) whose
     probabilities are fed on; ``none`` always passes None. Calls: (N − 1)·(1 or 2) + 1.
     """
     _check_mode(sc_mode)
@@ -255,7 +256,8 @@ def sample_ddim(
         if sc_mode == "carry":
             x0_hat = D
         elif sc_mode == "refined":
-            x0_hat = torch.sigmoid(f(x, _label(ati_shift(s[i + 1], s[i], eta), batch, device), D).float())
+            # The state just came from σ̂ (not σ_i): σ̂ is the noisier reference of the ATI label.
+            x0_hat = torch.sigmoid(f(x, _label(ati_shift(s[i + 1], sigma_hat, eta), batch, device), D).float())
     return _final(f, x, s, x0_hat, eta, threshold, gammas)
 
 
@@ -278,7 +280,7 @@ def sample_heun(
 
     Every interval, the last one included (the terminal σ is > 0, so there is no Euler-only last step):
     D₁ at (x̂, σ̂) gives d = (x̂ − D₁)/σ̂ and the predictor x' = x̂ + (σ_{i+1} − σ̂)·d; D₂ at (x', σ_{i+1})
-    with SC input D₁ gives d' = (x' − D₂)/σ_{i+1}; ``x ← x̂ + ½(σ_{i+1} − σ̂)(d + d')``. SC carries D₁
+    (label ``ati_shift(σ_{i+1}, σ̂, η)``: the predictor came from the churned σ̂) with SC input D₁ gives d' = (x' − D₂)/σ_{i+1}; ``x ← x̂ + ½(σ_{i+1} − σ̂)(d + d')``. SC carries D₁
     (spec §8.6); ``refined`` adds a third call at the new state with SC input D₁. Then the final call and
     threshold as in :func:`sample_ddim`. Calls: (N − 1)·(2 or 3) + 1.
     """
@@ -297,7 +299,8 @@ def sample_heun(
         d_cur = (x_hat - D1) / sigma_hat
         x_pred = x_hat + (s[i + 1] - sigma_hat) * d_cur
         sc = D1 if sc_mode != "none" else None
-        next_label = _label(ati_shift(s[i + 1], s[i], eta), batch, device)
+        # The predictor moved from the churned σ̂, so σ̂ (not σ_i) is the noisier ATI reference.
+        next_label = _label(ati_shift(s[i + 1], sigma_hat, eta), batch, device)
         D2 = torch.sigmoid(f(x_pred, next_label, sc).float())
         d_next = (x_pred - D2) / s[i + 1]
         x = x_hat + (0.5 * (s[i + 1] - sigma_hat)) * (d_cur + d_next)
@@ -353,6 +356,13 @@ def spec_with_defaults(spec: dict, where: str = "sampler spec") -> dict:
         raise ValueError(f"{where}: eta must be in [0, 1], got {out['eta']}")
     if not 0 < out["threshold"] < 1:
         raise ValueError(f"{where}: threshold must be in (0, 1), got {out['threshold']}")
+    for key in ("num_samples", "micro_batch"):
+        if isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < 1:
+            raise ValueError(f"{where}: {key} must be an integer >= 1, got {out[key]!r}")
+    for key in ("s_noise", "s_tmin", "s_tmax", "sigma_max", "rho", "terminal_sigma"):
+        if isinstance(out[key], bool) or not isinstance(out[key], (int, float)) or not math.isfinite(out[key]) \
+                or out[key] < 0:
+            raise ValueError(f"{where}: {key} must be a finite number >= 0, got {out[key]!r}")
     return out
 
 

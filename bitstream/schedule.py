@@ -25,6 +25,7 @@ denoising call is made. ``floor = 0`` (the default) reproduces the paper's behav
 from __future__ import annotations
 
 import math
+import warnings
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -297,6 +298,7 @@ def rebuild_entropy_tables(sigmas: torch.Tensor, mse: torch.Tensor, num_bins: in
     2. ``rate_k`` = mean of ``ρ = max(m/(σ² + 1e-12), 0)`` over the samples in bin k (empty bin → 0);
     3. regulariser ``g(σ) = σⁿ/(σⁿ + cⁿ)`` at the midpoint (suppresses σ ≲ c);
     4. ``p`` = 1 for ``target="rate"``, 0.5 for ``"sqrt-rate"`` (paper), or a given number;
+    0. non-finite (σ, mse) pairs are dropped, with a warning (spec §5.2);
     5. ``pdf`` normalised to sum 1 (uniform if the total is not positive and finite);
     6. ``cdf`` = running max of the running sum of the (float32) pdf, last entry exactly 1.
 
@@ -314,10 +316,19 @@ def rebuild_entropy_tables(sigmas: torch.Tensor, mse: torch.Tensor, num_bins: in
         p = ENTROPY_TARGETS[target]
     else:
         p = float(target)
-    sigma = torch.as_tensor(sigmas).detach().double().flatten().cpu().clamp(sigma_min, sigma_max)
+    sigma = torch.as_tensor(sigmas).detach().double().flatten().cpu()
     m = torch.as_tensor(mse).detach().double().flatten().cpu()
     if sigma.shape != m.shape:
         raise ValueError(f"rebuild_entropy_tables: sigmas {tuple(sigma.shape)} and mse {tuple(m.shape)} differ")
+    # Spec §5.2: non-finite pairs are dropped. Kept, one NaN made every bin sum NaN and the whole
+    # table silently uniform.
+    finite = torch.isfinite(sigma) & torch.isfinite(m)
+    dropped = int((~finite).sum())
+    if dropped:
+        warnings.warn(f"rebuild_entropy_tables: dropped {dropped} of {sigma.numel()} (σ, mse) pairs that are "
+                      f"not finite (spec §5.2)", RuntimeWarning, stacklevel=2)
+        sigma, m = sigma[finite], m[finite]
+    sigma = sigma.clamp(sigma_min, sigma_max)
 
     log_edges = torch.linspace(math.log(sigma_min), math.log(sigma_max), num_bins + 1, dtype=torch.float64)
     k = (torch.bucketize(sigma.log(), log_edges) - 1).clamp(0, num_bins - 1)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bitstream.io import write_parquet
+from bitstream.io import stage_main, write_parquet
 
 AGGREGATED = ("gen_ppl", "gen_nll", "gen_bpt", "entropy", "mauve", "invalid_code_rate", "samples_per_s")
 # Settings that describe a spec (identical over its seeds); carried as-is, or joined if they differ.
@@ -138,6 +138,7 @@ def find_inputs(run_dir) -> tuple[list[Path], Path | None, list[Path]]:
     return seeds, (real if real.exists() else None), vlbs
 
 
+@stage_main("summary")
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bitstream.summary", description=__doc__.split("\n")[0])
     ap.add_argument("--run-dir", required=True, help="results/{run}")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bitstream.io import parse_json_arg, write_text
+from bitstream.io import parse_json_arg, stage_main, write_text
 
 CSV_COLUMNS = ["run", "row", "model", "spec", "sampler", "nfe", "gamma", "n_seeds", "gen_ppl_mean", "gen_ppl_std",
                "entropy_mean", "entropy_std", "invalid_code_rate_mean", "vlb_bpb", "judge_name",
@@ -166,6 +166,7 @@ def build_tables(summary_files, paper: dict | None, out_dir) -> pd.DataFrame:
     return rows
 
 
+@stage_main("tables")
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bitstream.tables", description=__doc__.split("\n")[0])
     ap.add_argument("--summaries", nargs="+", required=True, help="results/{run}/summary.parquet ...")

@@ -43,7 +43,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from bitstream.io import atomic_path, parse_json_arg, provenance, read_json, sha256_file, write_json
+from bitstream.io import atomic_path, parse_json_arg, provenance, read_json, sha256_file, stage_main, write_json
 from bitstream.parallel import chunked, ordered_map
 from bitstream.progress import Progress
 
@@ -246,6 +246,11 @@ def _init_tokenizer(tokenizer_json: str, normalize: bool) -> None:
 
     global _TOKENIZER, _NORMALIZE
     _TOKENIZER = Tokenizer.from_str(tokenizer_json)
+    # A saved tokenizer may enable fixed padding / truncation (exported sentence-embedding models pad
+    # to 128): the caches would fill with [PAD] runs and cut long lines. Corpus encoding never does
+    # either, whatever the file says.
+    _TOKENIZER.no_padding()
+    _TOKENIZER.no_truncation()
     _NORMALIZE = normalize
 
 
@@ -340,6 +345,8 @@ def build_cache(corpus_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike,
         seq_len, prefix = int(params["base_seq_len"]), str(out_prefix) + ".base"
 
     n_lines = _count_lines(corpus_path)
+    pad_id = tok_meta.get("pad_token_id")
+    n_pad_in_rows = 0
     t0 = time.monotonic()
     n_tokens = n_docs = n_nonempty_text = 0
     chunks = _line_chunks(corpus_path, LINES_PER_CHUNK)
@@ -348,20 +355,27 @@ def build_cache(corpus_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike,
     with open_rows(prefix, seq_len) as sink, \
             Progress(n_lines, f"token_cache {split} ({style})", unit="doc") as progress:
         for flat, lengths, nonempty_text in encoded:
-            sink.write(packer.feed(flat, lengths))
+            rows = packer.feed(flat, lengths)
+            if pad_id is not None:
+                n_pad_in_rows += int(np.count_nonzero(rows == pad_id))
+            sink.write(rows)
             n_tokens += int(lengths.sum())
             n_docs += len(lengths)
             n_nonempty_text += nonempty_text
             elapsed = time.monotonic() - t0
             progress.update(len(lengths), tok_s=f"{n_tokens / elapsed:.3g}" if elapsed > 0 else "-")
         seconds = time.monotonic() - t0
+        if n_pad_in_rows:
+            raise ValueError(f"{corpus_path}: {n_pad_in_rows} pad tokens (id {pad_id}) inside packed rows; "
+                             f"expected none -- the text contains the tokenizer's pad token literally")
         if sink.n_rows == 0:
             raise ValueError(f"{corpus_path}: not one complete row of {seq_len} tokens "
                              f"({packer.stats()}); use more text or a shorter sequence length")
         common = {
             "style": style, "split": split, "vocab_size": vocab_size, "tokenizer_name": tok_meta.get("name"),
             "tokenizer_kind": tok_meta.get("kind"), "tokenizer_dir": str(tokenizer_dir), "bits": params["bits"],
-            "add_special_tokens": False, "keep_remainder": False,
+            "add_special_tokens": False, "keep_remainder": False, "padding": False, "truncation": False,
+            "pad_tokens_in_rows": n_pad_in_rows,  # checked: 0, or the build fails above
             **{k: tok_meta.get(k) for k in SPECIAL_ID_KEYS},
             "corpus_file": str(corpus_path), "corpus_sha256": sha256_file(corpus_path),
             "throughput": {"tokens": n_tokens, "documents": n_docs, "wall_time_s": round(seconds, 3),
@@ -385,6 +399,7 @@ def build_cache(corpus_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike,
     return meta
 
 
+@stage_main("token_cache")
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bitstream.token_cache", description=__doc__.split("\n")[0])
     ap.add_argument("--corpus-dir", required=True, help="results/{run}/corpus")

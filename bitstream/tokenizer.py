@@ -31,13 +31,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from bitstream.io import parse_json_arg, provenance, read_json, write_json
+from bitstream.io import atomic_dir, parse_json_arg, provenance, read_json, stage_main, write_json
 
 WORDPIECE_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 EOS = "<|endoftext|>"
@@ -180,9 +178,10 @@ def build_tokenizer(corpus_dir: str | os.PathLike, params: dict, out_dir: str | 
     if vocab_size > UINT16_VOCAB:
         raise ValueError(f"tokenizer {name}: vocabulary of {vocab_size} ids does not fit the uint16 token "
                          f"caches (at most {UINT16_VOCAB})")
-    if style == "lm1b":
-        if bits is None:
-            raise ValueError("--params: missing 'bits' (style lm1b: token ids are the model input)")
+    # The workflow checks bits against tokenizer.vocab_size at config validation and the token cache
+    # checks the real vocabulary; the rule does not pass bits, so that changing them neither reruns
+    # this job nor (when they do not fit) deletes a good tokenizer and everything built on it.
+    if style == "lm1b" and bits is not None:
         from bitstream.bits import check_width
 
         check_width(vocab_size, int(bits), where=f"run bits = {bits} vs tokenizer {name} (vocab_size {vocab_size})")
@@ -191,10 +190,7 @@ def build_tokenizer(corpus_dir: str | os.PathLike, params: dict, out_dir: str | 
               f"{cfg['vocab_size']} ids on this corpus", file=sys.stderr)
     boundary = boundary_token_id(tok, style)
 
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:  # group-readable (0755), stale leftovers of a killed run removed
         tok.save_pretrained(str(tmp))
         _save_model_files(tok, tmp)
         meta = {
@@ -206,12 +202,6 @@ def build_tokenizer(corpus_dir: str | os.PathLike, params: dict, out_dir: str | 
             **provenance(params),
         }
         write_json(tmp / "meta.json", meta)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     print(f"[tokenizer] {name}: {vocab_size} ids ({type(tok).__name__}), boundary id {boundary}; "
           f"{seconds:.1f}s -> {out_dir}", file=sys.stderr)
     return meta
@@ -226,6 +216,7 @@ def load_tokenizer(tokenizer_dir: str | os.PathLike):
     return AutoTokenizer.from_pretrained(str(tokenizer_dir)), meta
 
 
+@stage_main("tokenizer")
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bitstream.tokenizer", description=__doc__.split("\n")[0])
     ap.add_argument("--corpus-dir", required=True, help="results/{run}/corpus")

@@ -73,12 +73,12 @@ import torch
 from bitstream import checkpoint as ckpt_io
 from bitstream.distributed import Dist, all_gather_cat, all_reduce_sum, make_autocast, setup_distributed, shutdown
 from bitstream.entropy_state import EntropyState, uniform_tables
-from bitstream.io import parse_json_arg, provenance, write_parquet
+from bitstream.io import UserError, check_writable, parse_json_arg, provenance, stage_main, write_parquet
 from bitstream.progress import Progress
 from bitstream.train_config import (ARCHITECTURE_DEFAULTS, ENTROPY_DEFAULTS, RESOURCES_DEFAULTS, SECTIONS,
                                     TRAINING_DEFAULTS, fill_defaults)
 from bitstream.train_data import GlobalBatches, data_fingerprint, derive_seed, open_split, rows_to_bits
-from bitstream.train_optim import EMA, WarmupCosine, make_optimizer, optimizer_step
+from bitstream.train_optim import EMA, NonFiniteStep, WarmupCosine, make_optimizer, optimizer_step
 from bitstream.train_state import LogInterval, TrainState
 from bitstream.train_step import Draw, StepResult, diffusion_loss, draw_batch, train_step, validate
 
@@ -110,6 +110,7 @@ class Run:
     use_bf16: bool
     log: Callable[[str], None]
     t_start: float = 0.0        # monotonic time this job's loop started
+    data_identity: dict | None = None  # the run's bits/seq_len/vocab/tokenizer fingerprint, for final.pt
 
     @property
     def n_bits(self) -> int:
@@ -154,8 +155,16 @@ def open_run(cfg: dict, cache_dir: Path, bits: int, seq_len: int, out_dir: Path,
                  "vocab_size": train_meta.get("vocab_size")},
     }
     autocast, use_bf16 = make_autocast(t["precision"], dist.device)
+    if dist.main:  # a read-only or misnamed output directory fails now, not at the first checkpoint
+        check_writable(out_dir / "checkpoints" / "last.pt")
+    from bitstream.decode import run_data_identity
+
+    # Recorded in final.pt (not in the resume config, so older training states still resume): sampling
+    # refuses the checkpoint in a run with other bits, vocabulary or tokenizer (issue 13).
+    identity = run_data_identity(cache_dir.parent)
     return Run(arch, t, res, int(bits), int(seq_len), out_dir, dist, threads, train_rows, val_rows,
-               GlobalBatches(len(train_rows), global_batch, int(t["seed"])), saved_config, autocast, use_bf16, log)
+               GlobalBatches(len(train_rows), global_batch, int(t["seed"])), saved_config, autocast, use_bf16, log,
+               data_identity=identity)
 
 
 def new_state(run: Run) -> TrainState:
@@ -305,7 +314,18 @@ def train(cache_dir: str | os.PathLike, bits: int, seq_len: int, params: dict, o
         # OWT numbers come from step 750K of a 1M-step cosine schedule (spec §12).
         final_step = min(int(t["steps"]), int(t["stop_at_step"] or t["steps"]))
         target = final_step if stop_after is None else min(final_step, stop_after)
-        stopped_early = run_loop(run, state, net, target, final_step, quiet)
+        try:
+            stopped_early = run_loop(run, state, net, target, final_step, quiet)
+        except NonFiniteStep as err:
+            # Nothing of this step reached the weights; last.pt keeps the last good state and no
+            # final.pt is written, so no consumer ever sees a diverged model.
+            saved = ckpt_io.load(run.last_path)["step"] if run.last_path.exists() else None
+            raise UserError(
+                f"{run.out_dir}: training diverged at step {state.step + 1}: non-finite {err} (lr "
+                f"{state.scheduler.get_last_lr()[0]:.3g}, training.lr {t['lr']:g}); stopped without a final.pt; "
+                + (f"{run.last_path} (step {saved}) is the last good state" if saved is not None
+                   else "no checkpoint was saved yet")
+                + " -- lower training.lr or raise warmup_steps, delete last.pt and rerun") from err
         if state.step < final_step:
             if stop_after is not None or stopped_early:
                 log(f"stopped at step {state.step}/{final_step}; {run.last_path} saved — rerun the same command "
@@ -349,7 +369,8 @@ def write_final_outputs(run: Run, state: TrainState) -> dict:
     meta = {
         "architecture": run.arch, "training": t, "bits": run.bits, "seq_len": run.seq_len, "step": step,
         "sigma_data": float(t["sigma_data"]), "n_params": n_params, "world_size": run.dist.world_size,
-        "data": run.saved_config["data"], "summary": summary, **prov, "provenance": prov,
+        "data": {**run.saved_config["data"], **(run.data_identity or {})}, "summary": summary, **prov,
+        "provenance": prov,
     }
     ckpt_io.save(run.ckpt_dir / "final.pt", {"format": ckpt_io.MODEL_FORMAT, "model": state.ema.state_dict()["shadow"],
                                              "meta": meta})
@@ -364,6 +385,7 @@ def write_final_outputs(run: Run, state: TrainState) -> dict:
 # CLI
 
 
+@stage_main("train")
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bitstream.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache-dir", required=True, help="results/{run}/cache (train.u16, validation.u16 + meta)")

@@ -76,6 +76,14 @@ def make_optimizer(model: torch.nn.Module, t: dict) -> torch.optim.AdamW:
         return torch.optim.AdamW(model.parameters(), **kwargs)
 
 
+class NonFiniteStep(FloatingPointError):
+    """A step whose loss or gradient norm is NaN/Inf; raised before the optimizer touches the weights."""
+
+    def __init__(self, loss: float, grad_norm: float):
+        super().__init__(f"loss {loss:.6g}, gradient norm {grad_norm:.6g}")
+        self.loss, self.grad_norm = loss, grad_norm
+
+
 def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, opt: torch.optim.Optimizer, sched, ema: EMA,
                    grad_clip: float) -> float:
     """Backward, grad-norm clip (``grad_clip`` <= 0: none), AdamW, lr schedule, EMA (spec §13 step order);
@@ -84,9 +92,15 @@ def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, opt: torch.optim.
         loss.backward()
         max_norm = float(grad_clip) if grad_clip > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
-        opt.step()
     else:                       # e.g. logit_mode matched_filter_only: nothing to learn
         grad_norm = 0.0
+    # Stop *before* a non-finite loss or gradient reaches the weights, the EMA or a checkpoint. Under
+    # DDP the gradient norm is that of the all-reduced gradients, so every rank stops at the same step.
+    loss_value = float(loss.detach())
+    if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+        raise NonFiniteStep(loss_value, grad_norm)
+    if loss.requires_grad:
+        opt.step()
     sched.step()
     ema.update(model)
     return grad_norm

@@ -96,6 +96,8 @@ class TrainState:
             raise ValueError(f"{path}: not a training state (format {state['format']!r})")
         ckpt_io.check_config(state["config"], config, path, ignore=ckpt_io.resume_ignore(),
                              hint=f"Delete {path} to start this model from scratch, or choose another --out-dir")
+        ckpt_io.check_finite(state["model"], str(path))
+        ckpt_io.check_finite(state["ema"]["shadow"], f"{path} (EMA)")
         ckpt_io.load_state_dict_strict(self.model, state["model"], str(path))
         self.ema.load_state_dict(state["ema"], str(path))
         self.optimizer.load_state_dict(state["optimizer"])

@@ -32,7 +32,7 @@ from typing import Callable
 
 import numpy as np
 
-from bitstream.io import parse_json_arg, provenance, write_parquet
+from bitstream.io import parse_json_arg, provenance, stage_main, write_parquet
 from bitstream.progress import Progress
 
 SIGMA_MIN_EVAL = 0.08   # σ_0: the terminal σ of the samplers and the decoder's noise level
@@ -128,6 +128,7 @@ def _run_and_model(checkpoint: Path) -> tuple[str | None, str | None]:
     return None, None
 
 
+@stage_main("vlb")
 def main(argv: list[str] | None = None) -> None:
     import pandas as pd
     import torch

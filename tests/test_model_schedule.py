@@ -270,3 +270,18 @@ def test_released_lm1b_sigma_grid():
     np.testing.assert_allclose(grid.flip(0).numpy()[1:-1], ref[1:-1], rtol=1e-9)
     # hence the grid points below the midpoint of the median bin (σ = 0.878) are those with u < cdf[73]
     assert (grid < t.sigmas[73].double()).sum().item() == int((u < float(t.cdf[73])).sum())
+
+
+def test_rebuild_drops_non_finite_pairs_with_a_warning():
+    """Spec §5.2: non-finite (σ, mse) pairs are dropped; one NaN used to make the table uniform."""
+    g = torch.Generator().manual_seed(0)
+    sigma = torch.exp(torch.randn(4000, generator=g) * 1.5)
+    mse = sigma**2 / (sigma**2 + 0.25) * torch.rand(4000, generator=g)
+    clean = sch.rebuild_entropy_tables(sigma, mse, num_bins=16)
+    assert clean.pdf.std() > 0.01  # far from uniform: the check below is meaningful
+    bad_sigma = torch.cat([sigma, torch.tensor([1.0, float("inf"), float("nan"), 2.0])])
+    bad_mse = torch.cat([mse, torch.tensor([float("nan"), 0.1, 0.1, float("-inf")])])
+    with pytest.warns(RuntimeWarning, match="dropped 4 of 4004"):
+        rebuilt = sch.rebuild_entropy_tables(bad_sigma, bad_mse, num_bins=16)
+    for name in ("pdf", "cdf", "sigmas", "edges"):
+        torch.testing.assert_close(getattr(rebuilt, name), getattr(clean, name), rtol=0, atol=0)

@@ -287,3 +287,50 @@ def test_sample_noise_streams_belong_to_samples():
     assert len({tuple(r.tolist()) for r in a}) == 16            # no two samples share a stream
     with pytest.raises(ValueError, match="seed"):
         SampleNoise(-1, range(2))
+
+
+def _noise_list(shape, n, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize("method, sc_mode", [("ddim", "refined"), ("heun", "carry"), ("heun", "refined")])
+def test_ati_reference_after_churn_is_the_churned_sigma(method, sc_mode):
+    """After churn the state sits at σ̂ = σ_i(1 + γ), so a call at σ_{i+1} (Heun's corrector, the refined
+    SC call) takes σ̂ as its noisier ATI reference (issue 13: it took σ_i). Checked call by call and
+    against a closed-form reference run (matched-filter denoiser, spec §3, §8.2-§8.6)."""
+    grid, gamma, eta, s_noise = [float(v) for v in karras(6)], 0.3, 0.5, 1.003
+    lat = latents(4, 12)
+    noise = _noise_list(lat.shape, len(grid))
+    spy = Spy()
+    fn = sample_ddim if method == "ddim" else sample_heun
+    it = iter(noise)
+    out = fn(spy, lat, torch.tensor(grid, dtype=torch.float64), randn_like=lambda x: next(it), gamma=gamma,
+             window=(0.0, 100.0), s_noise=s_noise, sc_mode=sc_mode, eta=eta)
+
+    # closed-form reference, written out from the spec with σ̂ as the reference after churn
+    D = lambda x, lab, _sc=None: torch.sigmoid(matched_filter(x, torch.full((x.shape[0],), lab)))  # noqa: E731
+    x, labels = 0.5 + grid[0] * lat, []
+    for i in range(len(grid) - 1):
+        hat = grid[i] * (1 + gamma)
+        x = x + math.sqrt(hat**2 - grid[i] ** 2) * s_noise * noise[i]
+        lab = ati_shift(hat, grid[i - 1] if i else None, eta)
+        d1 = D(x, lab)
+        labels.append(lab)
+        nxt = ati_shift(grid[i + 1], hat, eta)
+        if method == "ddim":
+            x = x + (grid[i + 1] - hat) * (x - d1) / hat
+        else:
+            pred = x + (grid[i + 1] - hat) * (x - d1) / hat
+            d2 = D(pred, nxt)
+            labels.append(nxt)
+            x = x + 0.5 * (grid[i + 1] - hat) * ((x - d1) / hat + (pred - d2) / grid[i + 1])
+        if sc_mode == "refined":
+            labels.append(nxt)
+    labels.append(ati_shift(grid[-1], grid[-2], eta))
+    got = [float(c["sigma"][0]) for c in spy.calls]
+    assert got == pytest.approx(labels, rel=1e-6)
+    assert any(abs(ati_shift(grid[i + 1], grid[i], eta) - ati_shift(grid[i + 1], grid[i] * (1 + gamma), eta)) > 1e-3
+               for i in range(len(grid) - 1))  # the two references really differ here
+    torch.testing.assert_close(out.x, x, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.bits, (D(x, labels[-1]) > 0.5).to(torch.uint8))

@@ -279,3 +279,61 @@ def test_stop_at_step_finishes_early_on_the_full_schedule(straight, cache, tmp_p
     tr.train(cache, BITS, SEQ_LEN, params(), tmp_path, device="cpu", quiet=True)
     a, b = weights(out / "checkpoints" / "final.pt"), weights(tmp_path / "checkpoints" / "final.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_stops_training_and_keeps_the_last_good_checkpoint(cache, tmp_path, monkeypatch, capsys):
+    """Issue 13: a NaN/Inf loss or gradient stops training at that step: last.pt stays the last good
+    state, final.pt is never written, and the stage ends with one line (exit 2) naming the step."""
+    from bitstream import train_optim
+    from bitstream.io import StageExit
+
+    out = tmp_path / "run"
+    tr.train(cache, BITS, SEQ_LEN, params(), out, device="cpu", stop_after=10, quiet=True)
+    last = out / "checkpoints" / "last.pt"
+    good = last.read_bytes()
+    real = train_optim.optimizer_step
+    calls = {"n": 0}
+
+    def poisoned(loss, *a, **k):
+        calls["n"] += 1
+        return real(loss * float("nan") if calls["n"] == 3 else loss, *a, **k)   # step 13 goes NaN
+
+    monkeypatch.setattr("bitstream.train_step.optimizer_step", poisoned)
+    argv = ["--cache-dir", str(cache), "--bits", str(BITS), "--seq-len", str(SEQ_LEN), "--params",
+            json.dumps(params()), "--out-dir", str(out), "--device", "cpu"]
+    with pytest.raises(StageExit) as info:
+        tr.main(argv)
+    assert info.value.code == 2
+    msg = str(info.value)
+    assert "diverged at step 13" in msg and "nan" in msg and "last.pt (step 10)" in msg, msg
+    assert last.read_bytes() == good and not (out / "checkpoints" / "final.pt").exists()
+    assert not list((out / "checkpoints").glob(".*"))
+
+
+def test_huge_lr_diverges_with_a_message_not_a_nan_model(cache, tmp_path):
+    """The case that used to finish with exit 0 and a NaN final.pt: lr 1e6."""
+    from bitstream.io import UserError
+
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match="diverged at step .*training.lr 1e\\+06"):
+        tr.train(cache, BITS, SEQ_LEN, params(lr=1e6, warmup_steps=0), out, device="cpu", quiet=True)
+    assert not (out / "checkpoints" / "final.pt").exists()
+    if (out / "checkpoints" / "last.pt").exists():   # whatever was saved is finite and resumable
+        from bitstream import checkpoint as ck
+
+        state = ck.load(out / "checkpoints" / "last.pt")
+        ck.check_finite(state["model"], "last.pt")
+
+
+def test_resume_refuses_a_non_finite_training_state(straight, cache, tmp_path):
+    from bitstream import checkpoint as ck
+
+    out = tmp_path / "run"
+    tr.train(cache, BITS, SEQ_LEN, params(), out, device="cpu", stop_after=10, quiet=True)
+    state = ck.load(out / "checkpoints" / "last.pt")
+    name = next(iter(state["model"]))
+    state["model"][name] = state["model"][name].clone().fill_(float("inf"))
+    ck.save(out / "checkpoints" / "last.pt", state)
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        tr.train(cache, BITS, SEQ_LEN, params(), out, device="cpu", quiet=True)
+    assert not (out / "checkpoints" / "final.pt").exists()

@@ -3,6 +3,7 @@ one-seed reruns and figure-only rebuilds (issues 2, 4, 5)."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -130,3 +131,20 @@ def test_editing_plot_code_redraws_figures_only(e2e):
         figures_py.write_bytes(original)
     jobs = _job_counts(out)
     assert "figures" in jobs and set(jobs) <= {"figures", "all"}, out[-3000:]
+
+
+@pytest.mark.slow
+def test_a_deleted_entropy_table_is_noticed(e2e):
+    """Issue 13: entropy tables are declared inputs of their consumers, so deleting one makes
+    `snakemake all` redo the training job that writes it (and what reads it), not "Nothing to be done"."""
+    work, cfg = e2e
+    table = work / "results" / "lm1b_web" / "models" / "sdt_tiny" / "entropy" / "entropy_cdf.pt"
+    saved, st = table.read_bytes(), table.stat()
+    table.unlink()
+    try:
+        out = snakemake("-n", "--cores", "2", "all", "--configfile", str(cfg), cwd=work).stdout
+    finally:
+        table.write_bytes(saved)
+        os.utime(table, ns=(st.st_atime_ns, st.st_mtime_ns))  # as it was: later tests see no change
+    jobs = _job_counts(out)
+    assert jobs.get("train") == 1 and "sample" in jobs and "figures" in jobs, out[-3000:]

@@ -1,6 +1,7 @@
 # Helpers shared by every rule file: config cross-checks, target lists, command-line arguments
 # and cluster resources. Rules stay thin; anything with logic lives here.
 import json
+import os
 import shlex
 import sys
 
@@ -22,8 +23,40 @@ def _check_references():
                 problems.append(f"runs.{run}.specs: '{s}' is not defined under sampler_specs: ({', '.join(config['sampler_specs'])})")
         if rc["judge"] not in config["judges"]:
             problems.append(f"runs.{run}.judge: '{rc['judge']}' is not defined under judges: ({', '.join(config['judges'])})")
+        problems += _check_run_inputs(run, rc)
     if problems:
         raise ValueError("config: " + "; ".join(problems))
+
+
+def _check_run_inputs(run, rc):
+    """What a job would only find out after its predecessors ran: a bit width too narrow for the
+    configured vocabulary (a trained tokenizer reaches at most tokenizer.vocab_size ids; a pretrained
+    one is checked by the token cache) and corpus files that do not exist."""
+    problems, bits = [], rc["bits"]
+    tok, code = rc["tokenizer"], rc.get("code_tokenizer", {})
+    if rc["style"] == "lm1b" and tok["kind"] != "pretrained" and tok["vocab_size"] > 2**bits:
+        problems.append(f"runs.{run}.bits = {bits}: tokenizer.vocab_size {tok['vocab_size']} does not fit "
+                        f"(2**{bits} = {2**bits}); expected bits >= {(tok['vocab_size'] - 1).bit_length()}")
+    if rc["style"] == "owt" and not code.get("path") and code.get("vocab_size", 65536) > 2**bits:
+        problems.append(f"runs.{run}.bits = {bits}: code_tokenizer.vocab_size {code.get('vocab_size', 65536)} "
+                        f"does not fit (2**{bits} = {2**bits}); expected bits >= "
+                        f"{(code.get('vocab_size', 65536) - 1).bit_length()}")
+    for f in corpus_text_files(run):
+        if not os.path.isfile(f):
+            problems.append(f"runs.{run}.corpus.source: {f} is not a file (expected text:<file>[,<file>...])")
+    return problems
+
+
+def corpus_text_files(run):
+    """The local files a run's corpus reads: text:<files> and a local hf_path (declared inputs, so
+    editing them reruns the corpus and everything after it)."""
+    corpus = RUNS[run]["corpus"]
+    files = []
+    if corpus["source"].startswith("text:"):
+        files = [p.strip() for p in corpus["source"].split(":", 1)[1].split(",") if p.strip()]
+    if corpus.get("hf_path") and os.path.exists(corpus["hf_path"]):
+        files.append(corpus["hf_path"])
+    return files
 
 
 _check_references()
@@ -74,8 +107,10 @@ def corpus_params(run):
 
 
 def tokenizer_params(run):
+    # No bits: they are checked at validation (_check_run_inputs) and by the token cache, so changing
+    # them neither reruns the tokenizer nor deletes it when they do not fit.
     rc = RUNS[run]
-    return {"style": rc["style"], "tokenizer": rc["tokenizer"], "bits": rc["bits"]}
+    return {"style": rc["style"], "tokenizer": rc["tokenizer"]}
 
 
 def cache_params(run):
@@ -239,8 +274,16 @@ def paper_numbers():
     return out
 
 
+def model_outputs():
+    """Every training output. They are targets of `all` as well as inputs of their consumers: Snakemake
+    does not rebuild a missing *intermediate* file while the files made from it exist, so a deleted
+    entropy table or final.pt would otherwise go unnoticed (issue 13)."""
+    files = ["checkpoints/final.pt", "train_log.parquet", *(f"entropy/entropy_{t}.pt" for t in ENTROPY_TABLES)]
+    return [f"{model_dir(r, m)}/{f}" for r, rc in RUNS.items() for m in rc["models"] for f in files]
+
+
 def all_outputs():
-    out = data_outputs()
+    out = data_outputs() + model_outputs()
     out += [f"{RESULTS}/{run}/summary.parquet" for run in RUNS]
     out += TABLES + FIGURES
     return out

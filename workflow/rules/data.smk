@@ -7,6 +7,8 @@ def data_resources(wc):
 
 
 rule corpus:
+    input:
+        lambda wc: corpus_text_files(wc.run),
     output:
         train=f"{RESULTS}/{{run}}/corpus/train.jsonl",
         validation=f"{RESULTS}/{{run}}/corpus/validation.jsonl",
@@ -20,7 +22,7 @@ rule corpus:
     resources:
         **resources_from(data_resources),
     shell:
-        "{PY} -m bitstream.corpus --params {params.cfg} --out-dir {params.out_dir} > {log} 2>&1"
+        "exec {PY} -m bitstream.corpus --params {params.cfg} --out-dir {params.out_dir} > {log} 2>&1"
 
 
 rule tokenizer:
@@ -37,7 +39,7 @@ rule tokenizer:
     resources:
         **resources_from(data_resources),
     shell:
-        "{PY} -m bitstream.tokenizer --corpus-dir {params.corpus_dir} --params {params.cfg}"
+        "exec {PY} -m bitstream.tokenizer --corpus-dir {params.corpus_dir} --params {params.cfg}"
         " --out-dir {params.out_dir} > {log} 2>&1"
 
 
@@ -62,7 +64,7 @@ rule token_cache:
     resources:
         **resources_from(data_resources),
     shell:
-        "{PY} -m bitstream.token_cache --corpus-dir {params.corpus_dir} --tokenizer-dir {params.tok_dir}"
+        "exec {PY} -m bitstream.token_cache --corpus-dir {params.corpus_dir} --tokenizer-dir {params.tok_dir}"
         " --split {wildcards.split} --params {params.cfg} --out {params.prefix} > {log} 2>&1"
 
 
@@ -93,7 +95,7 @@ rule code_tokenizer:
     resources:
         **resources_from(data_resources),
     shell:
-        "{PY} -m bitstream.codec train --base-cache {params.base} --params {params.cfg}"
+        "exec {PY} -m bitstream.codec train --base-cache {params.base} --params {params.cfg}"
         " --out-dir {params.out_dir} > {log} 2>&1"
 
 
@@ -117,7 +119,7 @@ rule code_cache:
     resources:
         **resources_from(data_resources),
     shell:
-        "{PY} -m bitstream.codec encode --base-cache {params.base} --code-dir {params.code_dir}"
+        "exec {PY} -m bitstream.codec encode --base-cache {params.base} --code-dir {params.code_dir}"
         " --params {params.cfg} --out {params.prefix} > {log} 2>&1"
 
 
@@ -135,5 +137,5 @@ rule data_stats:
     resources:
         **resources_from(data_resources),
     shell:
-        "{PY} -m bitstream.data_stats --run-dir {params.run_dir} --params {params.cfg}"
+        "exec {PY} -m bitstream.data_stats --run-dir {params.run_dir} --params {params.cfg}"
         " --out {output} > {log} 2>&1"

@@ -29,7 +29,7 @@ rule judge:
     resources:
         **resources_from(judge_resources),
     shell:
-        "{PY} -m bitstream.judge --corpus-dir {params.corpus_dir} --tokenizer-dir {params.tok_dir}"
+        "exec {PY} -m bitstream.judge --corpus-dir {params.corpus_dir} --tokenizer-dir {params.tok_dir}"
         " --params {params.cfg} --name {params.name} --out-dir {params.out_dir} > {log} 2>&1"
 
 
@@ -56,7 +56,7 @@ rule metrics:
     resources:
         **resources_from(eval_resources),
     shell:
-        "{PY} -m bitstream.metrics --samples {input.samples} --judge-dir {params.judge_dir}"
+        "exec {PY} -m bitstream.metrics --samples {input.samples} --judge-dir {params.judge_dir}"
         " --run-dir {params.run_dir} --params {params.cfg} --out {output} > {log} 2>&1"
 
 
@@ -77,7 +77,7 @@ rule real_reference:
     resources:
         **resources_from(eval_resources),
     shell:
-        "{PY} -m bitstream.metrics --real --run-dir {params.run_dir} --judge-dir {params.judge_dir}"
+        "exec {PY} -m bitstream.metrics --real --run-dir {params.run_dir} --judge-dir {params.judge_dir}"
         " --params {params.cfg} --out {output} > {log} 2>&1"
 
 
@@ -96,7 +96,7 @@ rule vlb:
     resources:
         **resources_from(eval_resources),
     shell:
-        "{PY} -m bitstream.vlb --checkpoint {input.checkpoint} --cache-dir {params.cache_dir}"
+        "exec {PY} -m bitstream.vlb --checkpoint {input.checkpoint} --cache-dir {params.cache_dir}"
         " --params {params.cfg} --out {output} > {log} 2>&1"
 
 
@@ -111,4 +111,4 @@ rule summary:
         f"{RESULTS}/{{run}}/logs/summary.log",
     localrule: True
     shell:
-        "{PY} -m bitstream.summary --run-dir {params.run_dir} --inputs {input} --out {output} > {log} 2>&1"
+        "exec {PY} -m bitstream.summary --run-dir {params.run_dir} --inputs {input} --out {output} > {log} 2>&1"

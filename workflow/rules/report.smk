@@ -31,7 +31,7 @@ rule tables:
     log:
         f"{RESULTS}/logs/tables.log",
     shell:
-        "{PY} -m bitstream.tables --summaries {input.summaries} --paper {params.paper}"
+        "exec {PY} -m bitstream.tables --summaries {input.summaries} --paper {params.paper}"
         " --out-dir {params.out_dir} > {log} 2>&1"
 
 
@@ -52,4 +52,4 @@ rule figures:
     log:
         f"{RESULTS}/logs/figures.log",
     shell:
-        "{PY} -m bitstream.figures --run-dirs {params.run_dirs} --out-dir {params.out_dir} > {log} 2>&1"
+        "exec {PY} -m bitstream.figures --run-dirs {params.run_dirs} --out-dir {params.out_dir} > {log} 2>&1"

@@ -30,7 +30,7 @@ rule sample:
     resources:
         **resources_from(spec_resources),
     shell:
-        "{PY} -m bitstream.sample --checkpoint {input.checkpoint} --entropy-dir {params.entropy_dir}"
+        "exec {PY} -m bitstream.sample --checkpoint {input.checkpoint} --entropy-dir {params.entropy_dir}"
         " --run-dir {params.run_dir} --spec {params.spec} --seed {wildcards.seed}"
         " --run {wildcards.run} --model {wildcards.model} --spec-name {wildcards.spec}"
         " --threads {resources.cpus_per_task} --out {output} > {log} 2>&1"

@@ -31,8 +31,9 @@ rule train:
     resources:
         **resources_from(model_resources),
     # Snakemake clears {log} when it resubmits a job (walltime, retries); train_attempts.log beside the
-    # checkpoints keeps the output of every attempt of a resumed run.
+    # checkpoints keeps the output of every attempt of a resumed run. `exec` makes the trainer the job's
+    # process (a `| tee` pipeline left it running, writing final.pt, after its wrapper was killed).
     shell:
-        "mkdir -p {params.out_dir} && {params.launcher} -m bitstream.train --cache-dir {params.cache_dir}"
+        "mkdir -p {params.out_dir}; exec > >(tee -a {params.out_dir}/train_attempts.log > {log}) 2>&1;"
+        " exec {params.launcher} -m bitstream.train --cache-dir {params.cache_dir}"
         " --bits {params.bits} --seq-len {params.seq_len} --params {params.cfg} --out-dir {params.out_dir}"
-        " 2>&1 | tee -a {params.out_dir}/train_attempts.log > {log}"
