@@ -26,6 +26,7 @@ rule train:
         seq_len=lambda wc: RUNS[wc.run]["seq_len"],
     log:
         f"{RESULTS}/{{run}}/logs/train_{{model}}.log",
+    threads: threads_from(model_resources)
     resources:
         **resources_from(model_resources),
     # Snakemake clears {log} when it resubmits a job (walltime, retries); train_attempts.log beside the
