@@ -34,4 +34,5 @@ rule train:
     shell:
         "mkdir -p {params.out_dir} && {params.launcher} -m bitstream.train --cache-dir {params.cache_dir}"
         " --bits {params.bits} --seq-len {params.seq_len} --params {params.cfg} --out-dir {params.out_dir}"
+        " --threads {threads}"
         " 2>&1 | tee -a {params.out_dir}/train_attempts.log > {log}"
