@@ -9,8 +9,9 @@
   **final window is right-aligned** to the end of the text (start L − C, overlapping the previous
   one) and scores only the tokens not scored yet, each with the full context before it — upstream's
   behaviour (spec §9.2, §14.15). Before issue 12 the tail was cut as a disjoint window of its own
-  and scored with less context; on texts of 1.0–3.0 C tokens under a trained judge that changed
-  GenPPL by a few per cent (the tail's first tokens are the worst predicted);
+  (its first token unscored, the rest with less context). Measured on 97 validation texts of
+  129–383 tokens under the embedded default's trained lm1b_web judge (context 128): 95.739 now vs
+  95.476 before (−0.27 %; 25,015 vs 24,918 scored tokens). Texts within the context are unaffected;
 * the corpus-level NLL is ``Σ token NLL / Σ scored tokens`` (nats), ``ppl = exp(NLL)``,
   ``bpt = NLL / ln 2``.
 
