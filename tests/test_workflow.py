@@ -38,8 +38,9 @@ def test_dry_run_lists_every_stage(tmp_path):
         (lambda c: c["sampler_specs"]["det_nfe16"].__setitem__("sampler", "euler_magic"), "euler_magic"),
         (lambda c: c["runs"]["owt_web"].__setitem__("specs", ["no_such_spec"]), "no_such_spec"),
         (lambda c: c["models"]["sdt_tiny"]["training"].__setitem__("lr", -1.0), "lr"),
+        (lambda c: c["runs"]["lm1b_web"]["tokenizer"].__setitem__("workers", 4), "tokenizer.workers"),
     ],
-    ids=["unknown-key", "wrong-type", "bad-enum", "undefined-spec", "negative-lr"],
+    ids=["unknown-key", "wrong-type", "bad-enum", "undefined-spec", "negative-lr", "workers-over-cpus"],
 )
 def test_bad_config_stops_with_the_key_named(tmp_path, default_config, mutate, needle):
     mutate(default_config)
