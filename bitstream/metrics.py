@@ -122,14 +122,15 @@ def _score_batch(scorer, chunk: list[tuple[int, list[int], int]]) -> list[float]
     import torch.nn.functional as F
 
     longest = max(len(w) for _, w, _ in chunk)
-    ids = torch.full((len(chunk), longest), scorer.pad_id, dtype=torch.long)
-    mask = torch.zeros((len(chunk), longest), dtype=torch.long)
-    targets = torch.full((len(chunk), longest), -100, dtype=torch.long)  # -100: not scored
+    # Built in numpy, one tensor each: per-row tensor copies cost more than the model on tiny judges.
+    ids = np.full((len(chunk), longest), scorer.pad_id, dtype=np.int64)
+    mask = np.zeros((len(chunk), longest), dtype=np.int64)
+    targets = np.full((len(chunk), longest), -100, dtype=np.int64)  # -100: not scored
     for row, (_, w, first) in enumerate(chunk):
-        ids[row, :len(w)] = torch.as_tensor(w)
+        ids[row, :len(w)] = w
         mask[row, :len(w)] = 1
-        targets[row, first:len(w)] = ids[row, first:len(w)]
-    ids, mask, targets = ids.to(scorer.device), mask.to(scorer.device), targets.to(scorer.device)
+        targets[row, first:len(w)] = w[first:]
+    ids, mask, targets = (torch.from_numpy(a).to(scorer.device) for a in (ids, mask, targets))
     logits = scorer.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
     # fp32 log-probabilities whatever the judge's dtype (bf16 on CUDA)
     nll = F.cross_entropy(logits.float().flatten(0, 1), targets[:, 1:].flatten(), ignore_index=-100,
