@@ -1,12 +1,15 @@
 """GenPPL scoring speed: upstream's one-text-at-a-time loop against length-sorted padded batches.
 
     .venv/bin/python benchmarks/bench_genppl.py                       # a random judge of the default size
+    .venv/bin/python benchmarks/bench_genppl.py --shape gpt2-small    # GPT-2 small (124M) shape
     .venv/bin/python benchmarks/bench_genppl.py --judge-dir results/lm1b_web/judge --texts 256
 
-Without ``--judge-dir`` a random GPT-2 with the embedded default judge's shape (2 layers, 128 wide,
-context 128) and a 2,000-word word-level tokenizer is built in a temporary directory and loaded
-through ``bitstream.judge.load_judge``. Texts are random words of varying length (about the
-default runs' samples). Prints texts/s for both ways and checks that they give the same GenPPL.
+Without ``--judge-dir`` a random GPT-2 is built in a temporary directory and loaded through
+``bitstream.judge.load_judge``: ``--shape default`` is the embedded default judge (2 layers, 128 wide,
+context 128, a 2,000-word word-level tokenizer), ``--shape gpt2-small`` has GPT-2 small's shape (12
+layers, 768 wide, 12 heads, context 1024, a 50,257-word vocabulary). Texts are 1,024 random-word
+texts of about the default samples' length (32 tokens, +-50 %). Prints texts/s for one-at-a-time
+scoring (upstream) and for each ``--batch-size``, the speed-up and the relative GenPPL difference.
 """
 
 from __future__ import annotations
@@ -21,12 +24,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bitstream.cpu import setup_torch  # noqa: E402
 from bitstream.io import write_json  # noqa: E402
 from bitstream.judge import JUDGE_META, load_judge  # noqa: E402
 from bitstream.metrics import gen_ppl  # noqa: E402
 
 
-def random_judge(path: Path, vocab: int, n_layer: int, n_embd: int, context: int) -> None:
+SHAPES = {"default": dict(vocab=2000, n_layer=2, n_embd=128, n_head=4, context=128),
+          "gpt2-small": dict(vocab=50257, n_layer=12, n_embd=768, n_head=12, context=1024)}
+
+
+def random_judge(path: Path, vocab: int, n_layer: int, n_embd: int, n_head: int, context: int) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -36,7 +44,7 @@ def random_judge(path: Path, vocab: int, n_layer: int, n_embd: int, context: int
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", sep_token="[SEP]",
                             pad_token="[PAD]").save_pretrained(path)
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=vocab, n_positions=context, n_embd=n_embd, n_layer=n_layer, n_head=4,
+    cfg = GPT2Config(vocab_size=vocab, n_positions=context, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
                      bos_token_id=1, eos_token_id=1, pad_token_id=2)
     GPT2LMHeadModel(cfg).save_pretrained(path)
     write_json(path / JUDGE_META, {"name": "random-gpt2", "kind": "train", "source": ".",
@@ -46,19 +54,21 @@ def random_judge(path: Path, vocab: int, n_layer: int, n_embd: int, context: int
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--judge-dir", default=None)
-    ap.add_argument("--texts", type=int, default=128)
-    ap.add_argument("--words", type=int, default=96, help="mean words per text")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="default", help="random judge's shape")
+    ap.add_argument("--texts", type=int, default=1024)
+    ap.add_argument("--words", type=int, default=32, help="mean words (= judge tokens) per text")
+    ap.add_argument("--batch-size", type=int, action="append", help="windows per forward pass (repeatable; "
+                                                                    "default: the judge's batch_size_score)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=2, help="best of N timings")
+    ap.add_argument("--repeats", type=int, default=1, help="best of N timings")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    setup_torch(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
         judge_dir = args.judge_dir
         if judge_dir is None:
             judge_dir = Path(tmp)
-            random_judge(judge_dir, vocab=2000, n_layer=2, n_embd=128, context=128)
+            random_judge(judge_dir, **SHAPES[args.shape])
         scorer = load_judge(judge_dir, device="cpu")
         rng = np.random.default_rng(0)
         vocab_words = [f"w{i}" for i in range(1997)]
@@ -66,19 +76,25 @@ def main() -> None:
                  for _ in range(args.texts)]
         gen_ppl(texts[:4], scorer, batch_size=2)  # warm-up
 
+        sizes = [1] + (args.batch_size or [scorer.batch_size])
         results = {}
-        for label, bs in (("one-at-a-time", 1), (f"batched ({args.batch_size})", args.batch_size)):
+        for bs in sizes:
             best = None
             for _ in range(args.repeats):
                 res = gen_ppl(texts, scorer, batch_size=bs)
                 best = res if best is None or res.wall_time_s < best.wall_time_s else best
-            results[label] = best
+            results[bs] = best
+            label = "one-at-a-time" if bs == 1 else f"batched ({bs})"
             print(f"{label:>16}: {best.texts_per_s:8.1f} texts/s  ({best.wall_time_s:.2f} s for {len(texts)} "
-                  f"texts, {best.n_windows} windows, {best.n_scored_tokens} tokens)  GenPPL {best.ppl:.4f}")
-        one, batched = results.values()
-        print(f"speed-up {batched.texts_per_s / one.texts_per_s:.2f}x; |ΔGenPPL|/GenPPL = "
-              f"{abs(batched.ppl - one.ppl) / one.ppl:.2e}; judge {scorer.name}, context {scorer.context}, "
-              f"{args.threads} thread(s)")
+                  f"texts, {best.n_windows} windows, {best.n_scored_tokens} tokens)  GenPPL {best.ppl:.6f}",
+                  flush=True)
+        one = results[1]
+        for bs in sizes[1:]:
+            b = results[bs]
+            print(f"batch {bs}: speed-up {b.texts_per_s / one.texts_per_s:.2f}x; |ΔGenPPL|/GenPPL = "
+                  f"{abs(b.ppl - one.ppl) / one.ppl:.2e}")
+        print(f"judge {scorer.name} ({args.shape if args.judge_dir is None else args.judge_dir}), context "
+              f"{scorer.context}, {torch.get_num_threads()} thread(s), torch {torch.__version__}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bitstream.cpu import setup_torch  # noqa: E402
 from bitstream.sample import generate_bits  # noqa: E402
 from bitstream.samplers import SampleNoise, model_denoiser, plan_from_spec  # noqa: E402
 
@@ -79,7 +80,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the machine is shared)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    setup_torch(args.threads)  # as the sample stage: subnormals flushed
 
     model, arch, bits, seq_len, what = load(args)
     num_bits = bits * seq_len

@@ -386,7 +386,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out-dir", required=True, help="results/{run}/judge")
     ap.add_argument("--name", default=None, help="name recorded for the judge (e.g. the config key)")
     ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (the rule passes the job's "
+                                                            "cpus; 0 = torch's default)")
     args = ap.parse_args(argv)
+    from bitstream.cpu import setup_torch
+
+    setup_torch(args.threads)
     try:
         meta = build_judge(args.corpus_dir, args.tokenizer_dir, parse_json_arg(args.params), args.out_dir,
                            name=args.name, device=args.device)

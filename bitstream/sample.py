@@ -150,8 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
 @stage_main("sample")
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    from bitstream.cpu import setup_torch
+
+    setup_torch(args.threads)  # subnormals flushed; intra-op threads = the job's cpus (issue 12)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     checkpoint = Path(args.checkpoint)
     try:

@@ -71,6 +71,7 @@ import pandas as pd
 import torch
 
 from bitstream import checkpoint as ckpt_io
+from bitstream.cpu import setup_torch
 from bitstream.distributed import Dist, all_gather_cat, all_reduce_sum, make_autocast, setup_distributed, shutdown
 from bitstream.entropy_state import EntropyState, uniform_tables
 from bitstream.io import UserError, check_writable, parse_json_arg, provenance, stage_main, write_parquet
@@ -133,12 +134,17 @@ class Run:
 
 
 def open_run(cfg: dict, cache_dir: Path, bits: int, seq_len: int, out_dir: Path, dist: Dist,
-             stop_after: int | None, log: Callable[[str], None]) -> Run:
-    """Check the request, set the thread count, open the data and fix the config a resume must match."""
+             stop_after: int | None, log: Callable[[str], None], job_threads: int | None = None) -> Run:
+    """Check the request, set the thread count, open the data and fix the config a resume must match.
+
+    Threads: ``training.num_threads`` if set, else the job's threads (``--threads``, which the rule sets
+    to the config's ``cpus`` capped at ``--cores``; ``resources.cpus`` without it) shared by the node's
+    processes. Subnormal floats are flushed (:mod:`bitstream.cpu`: AdamW's second moments underflow).
+    """
     arch, t, res = cfg["architecture"], cfg["training"], cfg["resources"]
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    threads = int(t["num_threads"]) or max(1, int(res["cpus"]) // local_world)
-    torch.set_num_threads(threads)
+    threads = int(t["num_threads"]) or max(1, int(job_threads or res["cpus"]) // local_world)
+    setup_torch(threads)
     global_batch = int(t["batch_size"])
     if global_batch % dist.world_size:
         raise ValueError(f"training.batch_size {global_batch} is not divisible by the {dist.world_size} "
@@ -279,8 +285,11 @@ def log_row(run: Run, state: TrainState, r: StepResult, val_loss: float) -> dict
 
 
 def train(cache_dir: str | os.PathLike, bits: int, seq_len: int, params: dict, out_dir: str | os.PathLike,
-          device: str | None = None, stop_after: int | None = None, quiet: bool = False) -> dict:
+          device: str | None = None, stop_after: int | None = None, quiet: bool = False,
+          threads: int | None = None) -> dict:
     """Train (or resume) one model; returns a summary dict (rank 0; other ranks get ``{}``).
+
+    ``threads``: CPU threads of the job (all processes of this node together; default ``resources.cpus``).
 
     ``stop_after``: leave after that many total steps with ``last.pt`` saved and no final outputs
     (simulates a killed job; also lets a long run be split over several jobs).
@@ -290,7 +299,7 @@ def train(cache_dir: str | os.PathLike, bits: int, seq_len: int, params: dict, o
     dist = setup_distributed(device)
     log = (lambda *a: None) if (quiet or not dist.main) else (lambda *a: print("[train]", *a, file=sys.stderr, flush=True))
     try:
-        run = open_run(cfg, Path(cache_dir), bits, seq_len, Path(out_dir), dist, stop_after, log)
+        run = open_run(cfg, Path(cache_dir), bits, seq_len, Path(out_dir), dist, stop_after, log, threads)
         t = run.t
         state = new_state(run)
         if run.last_path.exists():
@@ -396,11 +405,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     ap.add_argument("--stop-after", type=int, default=None,
                     help="save checkpoints/last.pt and leave after this many total steps (resume later)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU threads of the job, shared by this node's processes (the rule passes its "
+                         "threads = the model's resources.cpus; default: resources.cpus)")
     args = ap.parse_args(argv)
     params = parse_json_arg(args.params)
     try:
         train(args.cache_dir, args.bits, args.seq_len, params, args.out_dir, device=args.device,
-              stop_after=args.stop_after)
+              stop_after=args.stop_after, threads=args.threads)
     except (ValueError, FileNotFoundError) as err:
         raise SystemExit(f"train: {err}")
 

@@ -144,7 +144,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--run", default=None, help="run name (default: from the checkpoint path)")
     ap.add_argument("--model", default=None, help="model name (default: from the checkpoint path)")
     ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (the rule passes the job's "
+                                                            "cpus; 0 = torch's default)")
     args = ap.parse_args(argv)
+    from bitstream.cpu import setup_torch
+
+    setup_torch(args.threads)
     params = parse_json_arg(args.params)
     params.pop("resources", None)
     batches, batch_size = int(params.get("vlb_batches", 50)), int(params.get("vlb_batch_size", 32))

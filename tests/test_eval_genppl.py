@@ -64,20 +64,33 @@ def random_texts(n, seed=0, lo=0, hi=30):
 
 
 def direct_nll(texts, scorer):
-    """Σ NLL and scored-token count straight from the model's logits, one window at a time."""
+    """Σ NLL and scored-token count, brute force: one forward pass per scored token (spec §9.2).
+
+    Token j of a text of L tokens with context C: with k = L // C full windows, a token inside them
+    (j < kC) is scored from the start of its window (none if it is that window's first token); a
+    token of the remainder (j >= kC, L > C) is scored from the right-aligned window's start L − C.
+    """
     total, count = 0.0, 0
+    C = scorer.context
     for text in texts:
         ids = scorer.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) < 2:
+        L = len(ids)
+        if L < 2:
             continue
-        for start in range(0, len(ids), scorer.context):
-            w = ids[start:start + scorer.context]
-            if len(w) < 2:
-                continue
+        full = L // C if L > C else 0
+        for j in range(1, L):
+            if L <= C:
+                begin = 0
+            elif j < full * C:
+                begin = j - j % C
+                if begin == j:
+                    continue
+            else:
+                begin = L - C
             with torch.no_grad():
-                logp = torch.log_softmax(scorer.model(torch.tensor([w])).logits[0].double(), -1)
-            total -= sum(float(logp[j, w[j + 1]]) for j in range(len(w) - 1))
-            count += len(w) - 1
+                logits = scorer.model(torch.tensor([ids[begin:j + 1]])).logits[0, -2]
+            total -= float(torch.log_softmax(logits.double(), -1)[ids[j]])
+            count += 1
     return total, count
 
 
@@ -98,14 +111,27 @@ def test_gen_ppl_equals_direct_computation(scorer):
     assert res.bpt == pytest.approx(res.nll / math.log(2))
 
 
-def test_first_token_of_each_window_unscored(scorer):
-    # 20 tokens in windows of 8: 8 + 8 + 4 tokens -> 7 + 7 + 3 scored
+def test_windows_first_token_unscored_final_window_right_aligned(scorer):
+    # 20 tokens, context 8: windows [0,8) [8,16) score 7 + 7; the right-aligned [12,20) scores 16..19
+    assert [(w[0], w[-1], first) for w, first in metrics._windows(list(range(20)), 8)] == \
+        [(0, 7, 1), (8, 15, 1), (12, 19, 4)]
     text = " ".join(WORDS[:20])
-    res = metrics.gen_ppl([text], scorer, batch_size=1)
-    assert res.n_windows == 3 and res.n_scored_tokens == 17
-    # 17 tokens: the 1-token tail window has nothing to score
+    for bs in (1, 3):
+        res = metrics.gen_ppl([text], scorer, batch_size=bs)
+        assert res.n_windows == 3 and res.n_scored_tokens == 18
+    # 17 tokens: the last token is scored with the 7 before it as context
     res = metrics.gen_ppl([" ".join(WORDS[:17])], scorer, batch_size=1)
-    assert res.n_windows == 2 and res.n_scored_tokens == 14
+    assert res.n_windows == 3 and res.n_scored_tokens == 15
+    # exactly 2 C: two full windows, nothing right-aligned; at most C: one window
+    assert [first for _, first in metrics._windows(list(range(16)), 8)] == [1, 1]
+    assert metrics._windows(list(range(8)), 8) == [(list(range(8)), 1)] and metrics._windows([5], 8) == []
+    # brute force, one forward pass per token, over texts of 0..3 C tokens
+    texts = [" ".join(WORDS[:n]) for n in (1, 2, 7, 8, 9, 15, 16, 17, 23, 24)]
+    total, count = direct_nll(texts, scorer)
+    for bs in (1, 4):
+        res = metrics.gen_ppl(texts, scorer, batch_size=bs)
+        assert res.n_scored_tokens == count
+        assert res.total_nll == pytest.approx(total, rel=1e-6)
 
 
 def test_batched_equals_one_at_a_time(scorer):
@@ -113,7 +139,7 @@ def test_batched_equals_one_at_a_time(scorer):
     one = metrics.gen_ppl(texts, scorer, batch_size=1)
     batched = metrics.gen_ppl(texts, scorer, batch_size=7)
     assert batched.n_scored_tokens == one.n_scored_tokens
-    assert batched.ppl == pytest.approx(one.ppl, rel=1e-5)
+    assert batched.ppl == pytest.approx(one.ppl, rel=1e-6)
     np.testing.assert_allclose(batched.text_nll, one.text_nll, rtol=1e-5, equal_nan=True)
 
 

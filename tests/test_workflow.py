@@ -39,8 +39,9 @@ def test_dry_run_lists_every_stage(tmp_path):
         (lambda c: c["sampler_specs"]["det_nfe16"].__setitem__("sampler", "euler_magic"), "euler_magic"),
         (lambda c: c["runs"]["owt_web"].__setitem__("specs", ["no_such_spec"]), "no_such_spec"),
         (lambda c: c["models"]["sdt_tiny"]["training"].__setitem__("lr", -1.0), "lr"),
+        (lambda c: c["runs"]["lm1b_web"]["tokenizer"].__setitem__("workers", 4), "tokenizer.workers"),
     ],
-    ids=["unknown-key", "wrong-type", "bad-enum", "undefined-spec", "negative-lr"],
+    ids=["unknown-key", "wrong-type", "bad-enum", "undefined-spec", "negative-lr", "workers-over-cpus"],
 )
 def test_bad_config_stops_with_the_key_named(tmp_path, default_config, mutate, needle):
     mutate(default_config)
@@ -148,3 +149,55 @@ def test_a_deleted_entropy_table_is_noticed(e2e):
         os.utime(table, ns=(st.st_atime_ns, st.st_mtime_ns))  # as it was: later tests see no change
     jobs = _job_counts(out)
     assert jobs.get("train") == 1 and "sample" in jobs and "figures" in jobs, out[-3000:]
+
+
+def _dry_run_jobs(out: str) -> list[dict]:
+    """Jobs of a ``snakemake -n -p`` log: rule, declared threads, resources line and shell command."""
+    jobs, job = [], None
+    for line in out.splitlines():
+        s = line.strip()
+        if s.startswith(("rule ", "localrule ")) and s.endswith(":"):
+            job = {"rule": s.split()[1].rstrip(":"), "threads": 1, "resources": "", "shell": ""}
+            jobs.append(job)
+        elif job is not None and s.startswith("threads:"):
+            job["threads"] = int(s.split()[1])
+        elif job is not None and s.startswith("resources:"):
+            job["resources"] = s
+        elif job is not None and s.startswith("Shell command:"):
+            job["shell"] = s
+    return jobs
+
+
+def test_declared_threads_equal_the_threads_each_job_uses(tmp_path, default_config):
+    """snakemake --cores N never runs more compute threads than N: each job's declared threads are
+    the cpus of its config block, what it passes to --threads (torch intra-op threads, bitstream.cpu),
+    and its SLURM --cpus-per-task."""
+    import re
+
+    cfg = default_config
+    cfg["models"]["sdt_tiny"]["resources"]["cpus"] = 3
+    for name, spec in cfg["sampler_specs"].items():
+        spec.setdefault("resources", {})["cpus"] = 2
+    judge = cfg["runs"]["lm1b_web"]["judge"]
+    cfg["judges"][judge].setdefault("resources", {})["cpus"] = 2
+    for rc in cfg["runs"].values():
+        rc["evaluation"].setdefault("resources", {})["cpus"] = 2
+        rc.setdefault("data_resources", {})["cpus"] = 2
+    path = _write(tmp_path / "threads.yaml", cfg)
+    expect = {"train": 3, "sample": 2, "judge": 2, "metrics": 2, "real_reference": 2, "vlb": 2,
+              "corpus": 2, "tokenizer": 2, "token_cache": 2, "base_cache": 2, "code_tokenizer": 2,
+              "code_cache": 2, "data_stats": 2, "summary": 1, "tables": 1, "figures": 1}
+    out = snakemake("-n", "-p", "--cores", "4", "all", "--configfile", str(path), cwd=tmp_path).stdout
+    jobs = [j for j in _dry_run_jobs(out) if j["rule"] != "all"]
+    assert {j["rule"] for j in jobs} == set(expect), {j["rule"] for j in jobs}
+    torch_stages = {"train", "sample", "judge", "metrics", "real_reference", "vlb"}
+    for job in jobs:
+        assert job["threads"] == expect[job["rule"]], job
+        if job["rule"] in torch_stages:
+            assert re.findall(r"--threads (\d+)", job["shell"]) == [str(job["threads"])], job
+        if job["threads"] > 1 or job["rule"] in torch_stages:
+            assert f"cpus_per_task={job['threads']}" in job["resources"], job
+    # --cores caps a job's threads (and with it the --threads it passes) at N
+    out = snakemake("-n", "-p", "--cores", "2", "all", "--configfile", str(path), cwd=tmp_path).stdout
+    train = next(j for j in _dry_run_jobs(out) if j["rule"] == "train")
+    assert train["threads"] == 2 and "--threads 2" in train["shell"]

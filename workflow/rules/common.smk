@@ -24,6 +24,13 @@ def _check_references():
         if rc["judge"] not in config["judges"]:
             problems.append(f"runs.{run}.judge: '{rc['judge']}' is not defined under judges: ({', '.join(config['judges'])})")
         problems += _check_run_inputs(run, rc)
+        # Data jobs declare threads = data_resources.cpus; their worker processes must fit in it.
+        cpus = rc["data_resources"]["cpus"]
+        for section in ("corpus", "tokenizer", "code_tokenizer"):
+            workers = (rc.get(section) or {}).get("workers", 1)
+            if workers > cpus:
+                problems.append(f"runs.{run}.{section}.workers: {workers} worker processes, but "
+                                f"runs.{run}.data_resources.cpus is {cpus} (a data job uses at most its cpus)")
     if problems:
         raise ValueError("config: " + "; ".join(problems))
 
@@ -207,6 +214,17 @@ def resources_from(get):
         if blocks is None or any(b.get(key) is not None for b in blocks):
             res[key] = pick(key, str)
     return res
+
+
+def threads_from(get):
+    """A rule's ``threads:``: the ``cpus`` of the config block ``get(wildcards)`` returns.
+
+    ``snakemake --cores N`` then never runs more than N compute threads at once (it caps a job's
+    threads at N), and the job passes the same ``{threads}`` to the stage's ``--threads`` (torch
+    intra-op threads, :mod:`bitstream.cpu`). On SLURM the same number is ``--cpus-per-task``
+    (``cpus_per_task`` in ``resources_from``).
+    """
+    return lambda wc: int(get(wc).get("cpus") or 1)
 
 
 def launcher(res):

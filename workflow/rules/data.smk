@@ -19,6 +19,7 @@ rule corpus:
         out_dir=lambda wc: f"{RESULTS}/{wc.run}/corpus",
     log:
         f"{RESULTS}/{{run}}/logs/corpus.log",
+    threads: threads_from(data_resources)
     resources:
         **resources_from(data_resources),
     shell:
@@ -36,6 +37,7 @@ rule tokenizer:
         out_dir=lambda wc: f"{RESULTS}/{wc.run}/tokenizer/base",
     log:
         f"{RESULTS}/{{run}}/logs/tokenizer.log",
+    threads: threads_from(data_resources)
     resources:
         **resources_from(data_resources),
     shell:
@@ -61,6 +63,7 @@ rule token_cache:
         prefix=lambda wc: f"{RESULTS}/{wc.run}/cache/{wc.split}",
     log:
         f"{RESULTS}/{{run}}/logs/token_cache_{{split}}.log",
+    threads: threads_from(data_resources)
     resources:
         **resources_from(data_resources),
     shell:
@@ -92,6 +95,7 @@ rule code_tokenizer:
         out_dir=lambda wc: f"{RESULTS}/{wc.run}/tokenizer/code",
     log:
         f"{RESULTS}/{{run}}/logs/code_tokenizer.log",
+    threads: threads_from(data_resources)
     resources:
         **resources_from(data_resources),
     shell:
@@ -116,6 +120,7 @@ rule code_cache:
         prefix=lambda wc: f"{RESULTS}/{wc.run}/cache/{wc.split}",
     log:
         f"{RESULTS}/{{run}}/logs/code_cache_{{split}}.log",
+    threads: threads_from(data_resources)
     resources:
         **resources_from(data_resources),
     shell:
@@ -134,6 +139,7 @@ rule data_stats:
         run_dir=lambda wc: run_dir(wc.run),
     log:
         f"{RESULTS}/{{run}}/logs/data_stats.log",
+    threads: threads_from(data_resources)
     resources:
         **resources_from(data_resources),
     shell:

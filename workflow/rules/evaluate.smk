@@ -26,11 +26,12 @@ rule judge:
         name=lambda wc: RUNS[wc.run]["judge"],
     log:
         f"{RESULTS}/{{run}}/logs/judge.log",
+    threads: threads_from(judge_resources)
     resources:
         **resources_from(judge_resources),
     shell:
         "exec {PY} -m bitstream.judge --corpus-dir {params.corpus_dir} --tokenizer-dir {params.tok_dir}"
-        " --params {params.cfg} --name {params.name} --out-dir {params.out_dir} > {log} 2>&1"
+        " --params {params.cfg} --name {params.name} --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"
 
 
 def mauve_inputs(wc):
@@ -53,11 +54,12 @@ rule metrics:
         run_dir=lambda wc: run_dir(wc.run),
     log:
         f"{RESULTS}/{{run}}/logs/metrics/{{model}}/{{spec}}/seed{{seed}}.log",
+    threads: threads_from(eval_resources)
     resources:
         **resources_from(eval_resources),
     shell:
         "exec {PY} -m bitstream.metrics --samples {input.samples} --judge-dir {params.judge_dir}"
-        " --run-dir {params.run_dir} --params {params.cfg} --out {output} > {log} 2>&1"
+        " --run-dir {params.run_dir} --params {params.cfg} --out {output} --threads {threads} > {log} 2>&1"
 
 
 rule real_reference:
@@ -74,11 +76,12 @@ rule real_reference:
         judge_dir=lambda wc: f"{RESULTS}/{wc.run}/judge",
     log:
         f"{RESULTS}/{{run}}/logs/real_reference.log",
+    threads: threads_from(eval_resources)
     resources:
         **resources_from(eval_resources),
     shell:
         "exec {PY} -m bitstream.metrics --real --run-dir {params.run_dir} --judge-dir {params.judge_dir}"
-        " --params {params.cfg} --out {output} > {log} 2>&1"
+        " --params {params.cfg} --out {output} --threads {threads} > {log} 2>&1"
 
 
 rule vlb:
@@ -93,11 +96,12 @@ rule vlb:
         cache_dir=lambda wc: f"{RESULTS}/{wc.run}/cache",
     log:
         f"{RESULTS}/{{run}}/logs/vlb_{{model}}.log",
+    threads: threads_from(eval_resources)
     resources:
         **resources_from(eval_resources),
     shell:
         "exec {PY} -m bitstream.vlb --checkpoint {input.checkpoint} --cache-dir {params.cache_dir}"
-        " --params {params.cfg} --out {output} > {log} 2>&1"
+        " --params {params.cfg} --out {output} --threads {threads} > {log} 2>&1"
 
 
 rule summary:
@@ -109,6 +113,7 @@ rule summary:
         run_dir=lambda wc: run_dir(wc.run),
     log:
         f"{RESULTS}/{{run}}/logs/summary.log",
+    threads: 1
     localrule: True
     shell:
         "exec {PY} -m bitstream.summary --run-dir {params.run_dir} --inputs {input} --out {output} > {log} 2>&1"

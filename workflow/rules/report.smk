@@ -30,6 +30,7 @@ rule tables:
         out_dir=f"{RESULTS}/tables",
     log:
         f"{RESULTS}/logs/tables.log",
+    threads: 1
     shell:
         "exec {PY} -m bitstream.tables --summaries {input.summaries} --paper {params.paper}"
         " --out-dir {params.out_dir} > {log} 2>&1"
@@ -51,5 +52,6 @@ rule figures:
         out_dir=f"{RESULTS}/figures",
     log:
         f"{RESULTS}/logs/figures.log",
+    threads: 1
     shell:
         "exec {PY} -m bitstream.figures --run-dirs {params.run_dirs} --out-dir {params.out_dir} > {log} 2>&1"

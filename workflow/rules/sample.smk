@@ -27,10 +27,11 @@ rule sample:
         entropy_dir=lambda wc: f"{model_dir(wc.run, wc.model)}/entropy",
     log:
         f"{RESULTS}/{{run}}/logs/sample/{{model}}/{{spec}}/seed{{seed}}.log",
+    threads: threads_from(spec_resources)
     resources:
         **resources_from(spec_resources),
     shell:
         "exec {PY} -m bitstream.sample --checkpoint {input.checkpoint} --entropy-dir {params.entropy_dir}"
         " --run-dir {params.run_dir} --spec {params.spec} --seed {wildcards.seed}"
         " --run {wildcards.run} --model {wildcards.model} --spec-name {wildcards.spec}"
-        " --threads {resources.cpus_per_task} --out {output} > {log} 2>&1"
+        " --threads {threads} --out {output} > {log} 2>&1"

@@ -28,6 +28,7 @@ rule train:
         seq_len=lambda wc: RUNS[wc.run]["seq_len"],
     log:
         f"{RESULTS}/{{run}}/logs/train_{{model}}.log",
+    threads: threads_from(model_resources)
     resources:
         **resources_from(model_resources),
     # Snakemake clears {log} when it resubmits a job (walltime, retries); train_attempts.log beside the
@@ -37,3 +38,4 @@ rule train:
         "mkdir -p {params.out_dir}; exec > >(tee -a {params.out_dir}/train_attempts.log > {log}) 2>&1;"
         " exec {params.launcher} -m bitstream.train --cache-dir {params.cache_dir}"
         " --bits {params.bits} --seq-len {params.seq_len} --params {params.cfg} --out-dir {params.out_dir}"
+        " --threads {threads}"
