@@ -103,7 +103,7 @@ DEFAULTS = {
     "point_timeout_s": 900,
     "boundary": {"batch_size": 4, "seq_lens": [64], "vocab_sizes": [1024, 4096, 16384, 65536, 131072],
                  "embed_dims": [128]},
-    "end_to_end": {"vocab_size": 4096, "seq_len": 64, "batch_sizes": [2, 8, 32],
+    "end_to_end": {"vocab_sizes": [4096], "seq_len": 64, "batch_sizes": [2, 8, 32],
                    "architecture": {"embed_dim": 128, "n_blocks": 2, "n_heads": 4, "dim_ff": 384,
                                     "content_dim": 16, "head_hidden": 32, "dropout": 0.0,
                                     "self_condition": False}},
@@ -130,7 +130,7 @@ def with_defaults(params: dict | None) -> dict:
         else:
             out[key] = value
     for section, key in (("boundary", "seq_lens"), ("boundary", "vocab_sizes"), ("boundary", "embed_dims"),
-                         ("end_to_end", "batch_sizes"), ("inference", "micro_batches")):
+                         ("end_to_end", "batch_sizes"), ("end_to_end", "vocab_sizes"), ("inference", "micro_batches")):
         values = out[section][key]
         if not values or any(not isinstance(v, int) or v < 1 for v in values):
             raise ValueError(f"efficiency.{section}.{key}: expected a non-empty list of positive integers, got {values!r}")
@@ -350,7 +350,7 @@ def _e2e_models(point: dict, device, dtype):
     V, L = point["V"], point["L"]
     arch = dict(point["architecture"])
     if point["model"] == "bits":
-        cfg = SDTConfig(**{**arch, "patch_size": bits_for(V), "seq_len": L})
+        cfg = SDTConfig(**{**arch, "patch_size": bits_for(V), "seq_len": L, "representation": "bits"})
     else:
         cfg = SDTConfig(**{**arch, "patch_size": bits_for(V), "seq_len": L, "representation": "tokens",
                            "vocab_size": V, "logit_mode": "none"})
@@ -529,17 +529,18 @@ def measure(settings: dict, progress=print) -> dict[str, pd.DataFrame]:
         out["boundary"].append(run_point("boundary", point, settings))
         progress(_brief(out["boundary"][-1]))
     e2e, inf = settings["end_to_end"], settings["inference"]
-    base = {"V": e2e["vocab_size"], "L": e2e["seq_len"], "architecture": e2e["architecture"]}
     for kind, sizes, extra in (("end_to_end", e2e["batch_sizes"], {}),
                                ("inference", inf["micro_batches"], {"nfe": inf["nfe"]})):
         out[kind] = []
-        for model in ("bits", "tokens"):
-            for B in sorted(sizes):
-                row = run_point(kind, {**base, **extra, "model": model, "B": B}, settings)
-                out[kind].append(row)
-                progress(_brief(row))
-                if row["status"] == "oom":    # larger batches would run out too: the sweep ends
-                    break
+        for V in e2e["vocab_sizes"]:
+            base = {"V": V, "L": e2e["seq_len"], "architecture": e2e["architecture"]}
+            for model in ("bits", "tokens"):
+                for B in sorted(sizes):
+                    row = run_point(kind, {**base, **extra, "model": model, "B": B}, settings)
+                    out[kind].append(row)
+                    progress(_brief(row))
+                    if row["status"] == "oom":    # larger batches would run out too: the sweep ends
+                        break
     return {k: pd.DataFrame(v) for k, v in out.items()}
 
 
