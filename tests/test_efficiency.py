@@ -73,33 +73,18 @@ def test_schema_defaults_match_module_defaults():
             assert props[key]["default"] == value, key
 
 
-def test_benchmarks_return_finite_positive_figures():
-    tables = eff.measure(eff.with_defaults(TINY), progress=lambda s: None)
-    assert len(tables["boundary"]) == 2 and len(tables["end_to_end"]) == 2 and len(tables["inference"]) == 2
-    for name, cols in (("boundary", ["ms", "peak_mem_bytes"]),
-                       ("end_to_end", ["ms", "peak_mem_bytes", "tokens_per_s"]),
-                       ("inference", ["ms", "peak_mem_bytes", "samples_per_s", "calls_per_s"])):
-        df = tables[name]
-        assert (df["status"] == "ok").all(), df
-        for col in cols:
-            assert df[col].map(math.isfinite).all() and (df[col] > 0).all(), (name, col, df[col].tolist())
-    assert (tables["inference"]["nfe"] == 3).all()                 # a 3-point grid makes 3 calls
-    b = eff.boundary_comparison(tables["boundary"])
-    assert b.loc[0, "analytic_ratio"] == pytest.approx(512 / 9)
-
-
 def test_out_of_memory_is_recorded_and_ends_the_sweep(monkeypatch):
     # the real thing, once: a 1 MiB budget cannot hold a training step
-    settings = eff.with_defaults({**TINY, "memory_budget_mb": 1})
-    point = {"V": 256, "L": 8, "architecture": TINY["end_to_end"]["architecture"], "model": "tokens", "B": 2}
+    settings = eff.with_defaults({**TINY, "memory_budget_mb": 1})      # the input layer alone is 8 MiB
+    point = {"V": 65536, "L": 8, "architecture": TINY["end_to_end"]["architecture"], "model": "tokens", "B": 2}
     row = eff.run_point("end_to_end", point, settings)
     assert row["status"] == "oom" and "allocate" in row["error"]
     # the sweep logic: the first OOM ends that model's sweep, the other model's sweep goes on
     calls = []
 
     def fake(kind, point, settings, timeout=None):
-        calls.append((kind, point["model"], point["B"]))
-        oom = point["model"] == "tokens" and point["B"] >= 4
+        calls.append((kind, point.get("model"), point["B"]))
+        oom = point.get("model") == "tokens" and point["B"] >= 4
         return {"kind": kind, "head": point.get("head"), "model": point.get("model"), "B": point["B"],
                 "status": "oom" if oom else "ok", "ms": 1.0, "peak_mem_bytes": 1}
 
@@ -118,19 +103,43 @@ def test_paper_config_is_an_overlay_on_the_default(tmp_path):
     assert '"device": "cuda"' in out and "128000" in out
 
 
-def test_rule_runs_from_a_clean_results_folder(tmp_path, default_config):
-    default_config["efficiency"] = {**default_config["efficiency"], **TINY}
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(yaml.safe_dump(default_config, sort_keys=False))
-    proc = snakemake("--cores", "1", "efficiency", "--configfile", str(cfg), cwd=tmp_path, timeout=600)
+@pytest.fixture(scope="module")
+def efficiency_run(tmp_path_factory):
+    """`snakemake efficiency` once, from an empty folder, on a tiny grid (one process per point)."""
+    work = tmp_path_factory.mktemp("efficiency")
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["efficiency"] = {**config["efficiency"], **TINY}
+    cfg = work / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(config, sort_keys=False))
+    proc = snakemake("--cores", "1", "efficiency", "--configfile", str(cfg), cwd=work, timeout=600)
+    return work, cfg, proc
+
+
+def test_rule_runs_from_a_clean_results_folder(efficiency_run):
+    work, cfg, proc = efficiency_run
     assert job_counts(proc.stdout + proc.stderr) == {"efficiency_benchmark": 1, "efficiency_report": 1, "efficiency": 1}
-    res = tmp_path / "results"
-    for kind in eff.KINDS:
-        assert len(pd.read_parquet(res / "efficiency" / f"{kind}.parquet")) > 0
+    res = work / "results"
     md = (res / "tables" / "efficiency.md").read_text()
     assert "Boundary" in md and "End to end" in md and "| LM1B |" in md
     assert (res / "tables" / "efficiency.tex").read_text().count(r"\begin{tabular}") == 4
     for name in eff.FIGURES:
         assert (res / "figures" / f"{name}.png").stat().st_size > 1000
-    rerun = snakemake("-n", "--cores", "1", "efficiency", "--configfile", str(cfg), cwd=tmp_path).stdout
+    rerun = snakemake("-n", "--cores", "1", "efficiency", "--configfile", str(cfg), cwd=work).stdout
     assert "Nothing to be done" in rerun
+
+
+def test_benchmarks_return_finite_positive_figures(efficiency_run):
+    tables = eff.read_measurements(efficiency_run[0] / "results" / "efficiency")
+    assert len(tables["analytic"]) == len(eff.ANALYTIC_SETTINGS)
+    assert len(tables["boundary"]) == 2 and len(tables["end_to_end"]) == 2 and len(tables["inference"]) == 2
+    for name, cols in (("boundary", ["ms", "peak_mem_bytes"]),
+                       ("end_to_end", ["ms", "peak_mem_bytes", "tokens_per_s"]),
+                       ("inference", ["ms", "peak_mem_bytes", "samples_per_s", "calls_per_s"])):
+        df = tables[name]
+        assert (df["status"] == "ok").all(), df
+        for col in cols:
+            assert df[col].map(math.isfinite).all() and (df[col] > 0).all(), (name, col, df[col].tolist())
+    assert (tables["inference"]["nfe"] == 3).all()                 # a 3-point grid makes 3 calls
+    b = eff.boundary_comparison(tables["boundary"])
+    assert b.loc[0, "analytic_ratio"] == pytest.approx(512 / 9)
+    assert (tables["boundary"]["code_version"] != "").all()
