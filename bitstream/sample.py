@@ -142,6 +142,9 @@ def main(argv=None) -> None:
 
         decoder = TextDecoder.from_run_dir(args.run_dir)
         model, meta = load_model(str(checkpoint), device=str(device))
+        if model.cfg.representation != "bits":
+            raise ValueError(f"{checkpoint}: a token-space baseline (architecture.representation: tokens); "
+                             f"the bit samplers and the bit VLB do not apply to it")
         width, seq_len = int(meta["bits"]), int(meta["seq_len"])
     except (ValueError, FileNotFoundError, KeyError) as err:
         raise SystemExit(f"sample: {err}")

@@ -143,3 +143,46 @@ def test_benchmarks_return_finite_positive_figures(efficiency_run):
     b = eff.boundary_comparison(tables["boundary"])
     assert b.loc[0, "analytic_ratio"] == pytest.approx(512 / 9)
     assert (tables["boundary"]["code_version"] != "").all()
+
+
+def test_token_baseline_trains_with_token_ce(tmp_path):
+    """The token model trains through the ordinary stage: token CE selected in the config, loss falls,
+    entropy tables written, the checkpoint reloads as a TokenSDT."""
+    from test_train_loop import BITS, SEQ_LEN, TINY, make_cache
+
+    from bitstream import checkpoint as ckpt
+    from bitstream import train as tr
+
+    cache = make_cache(tmp_path / "cache")
+    p = yaml.safe_load(yaml.safe_dump(TINY))
+    p["architecture"].update(representation="tokens", logit_mode="none")
+    p["training"].update(loss="token_ce", steps=100, lr=3e-3, log_every=20, val_every=20)
+    p["training"]["entropy"]["enabled"] = False
+    tr.train(cache, BITS, SEQ_LEN, p, tmp_path / "out", device="cpu", quiet=True)
+    val = pd.read_parquet(tmp_path / "out" / "train_log.parquet")["val_loss"].dropna().to_numpy()
+    assert val[-1] < 0.9 * val[0], val            # fixed validation draw: comparable over steps
+    for name in ("pdf", "cdf", "sigmas", "edges"):
+        assert (tmp_path / "out" / "entropy" / f"entropy_{name}.pt").exists()
+    model, meta = ckpt.load_model(tmp_path / "out" / "checkpoints" / "final.pt")
+    assert isinstance(model, mdl.TokenSDT) and model.cfg.vocab == 2**BITS
+    with pytest.raises(ValueError, match="token_ce goes with tokens"):
+        p["training"]["loss"] = "binary_sm"
+        tr.train(cache, BITS, SEQ_LEN, p, tmp_path / "bad", device="cpu", quiet=True)
+
+
+def test_token_model_in_the_workflow(tmp_path, default_config):
+    """A token baseline defined under models: trains by its path target; listing it in a run (which
+    would sample it with the bit samplers) stops with the model named."""
+    tok = yaml.safe_load(yaml.safe_dump(default_config["models"]["sdt_tiny"]))
+    tok["architecture"].update(representation="tokens", logit_mode="none")
+    tok["training"]["loss"] = "token_ce"
+    default_config["models"]["tok_tiny"] = tok
+    cfg = tmp_path / "tok.yaml"
+    cfg.write_text(yaml.safe_dump(default_config, sort_keys=False))
+    target = "results/lm1b_web/models/tok_tiny/checkpoints/final.pt"
+    out = snakemake("-n", "-p", "--cores", "1", target, "--configfile", str(cfg), cwd=tmp_path).stdout
+    assert job_counts(out).get("train") == 1 and '"loss": "token_ce"' in out
+    default_config["runs"]["lm1b_web"]["models"].append("tok_tiny")
+    cfg.write_text(yaml.safe_dump(default_config, sort_keys=False))
+    proc = snakemake("-n", "--cores", "1", "all", "--configfile", str(cfg), cwd=tmp_path, check=False)
+    assert proc.returncode != 0 and "'tok_tiny' is the token-space baseline" in proc.stdout + proc.stderr
