@@ -582,12 +582,16 @@ def read_measurements(in_dir) -> dict[str, pd.DataFrame]:
 def boundary_comparison(boundary: pd.DataFrame) -> pd.DataFrame:
     """One row per (T, V, d): both heads' time and memory side by side, token/bit ratios, analytic ratio."""
     keys = ["B", "T", "V", "d"]
-    ok = boundary[boundary["status"] == "ok"]
-    tok = ok[ok["head"] == "token"].set_index(keys)[["ms", "peak_mem_bytes"]]
-    bit = ok[ok["head"] == "bit"].set_index(keys)[["ms", "peak_mem_bytes", "P"]]
+    cols = ["ms", "peak_mem_bytes", "status"]
+    b = boundary.assign(**{c: boundary.get(c, float("nan")) for c in cols})
+    b.loc[b["status"] != "ok", ["ms", "peak_mem_bytes"]] = float("nan")    # an OOM has no figures
+    tok = b[b["head"] == "token"].set_index(keys)[cols]
+    bit = b[b["head"] == "bit"].set_index(keys)[cols]
     df = tok.join(bit, lsuffix="_token", rsuffix="_bit", how="outer").reset_index()
-    df = df.rename(columns={"ms_token": "token_ms", "ms_bit": "bit_ms",
+    df = df.rename(columns={"ms_token": "token_ms", "ms_bit": "bit_ms", "status_token": "token_status",
+                            "status_bit": "bit_status",
                             "peak_mem_bytes_token": "token_mem_bytes", "peak_mem_bytes_bit": "bit_mem_bytes"})
+    df["P"] = df["V"].map(bits_for)
     df["mem_ratio"] = df["token_mem_bytes"] / df["bit_mem_bytes"]
     df["time_ratio"] = df["token_ms"] / df["bit_ms"]
     df["analytic_ratio"] = df["V"] / df["V"].map(bits_for)
@@ -596,6 +600,10 @@ def boundary_comparison(boundary: pd.DataFrame) -> pd.DataFrame:
 
 def _mib(b) -> str:
     return "—" if b is None or pd.isna(b) else f"{b / 2**20:,.1f}"
+
+
+def _oom(status, text: str) -> str:
+    return "OOM" if status == "oom" else text
 
 
 def _f(v, fmt="{:,.2f}") -> str:
@@ -620,9 +628,10 @@ def _sections(tables: dict[str, pd.DataFrame]) -> list[tuple[str, str, list[str]
                 f"Synthetic trunk activations; median over repeats; peak memory from an empty start {dev}.",
                 ["B", "T", "d", "V", "P", "token MiB", "bit MiB", "mem ratio", "analytic ratio",
                  "token ms", "bit ms", "time ratio"],
-                [[f"{r.B}", f"{r.T}", f"{r.d}", f"{r.V:,}", _f(r.P, "{:.0f}"), _mib(r.token_mem_bytes),
-                  _mib(r.bit_mem_bytes), _f(r.mem_ratio, "{:,.1f}"), _f(r.analytic_ratio, "{:,.0f}"),
-                  _f(r.token_ms), _f(r.bit_ms), _f(r.time_ratio, "{:,.1f}")] for r in b.itertuples()])
+                [[f"{r.B}", f"{r.T}", f"{r.d}", f"{r.V:,}", f"{r.P}", _oom(r.token_status, _mib(r.token_mem_bytes)),
+                  _oom(r.bit_status, _mib(r.bit_mem_bytes)), _f(r.mem_ratio, "{:,.1f}"),
+                  _f(r.analytic_ratio, "{:,.0f}"), _oom(r.token_status, _f(r.token_ms)),
+                  _oom(r.bit_status, _f(r.bit_ms)), _f(r.time_ratio, "{:,.1f}")] for r in b.itertuples()])
     e = tables["end_to_end"]
     e2e = ("End to end: one training step (forward, loss, backward, AdamW)",
            f"Same trunk; bits: per-bit BCE, tokens: token CE; σ = 1 {_device_note(e)}.",
@@ -643,7 +652,7 @@ def _device_note(df: pd.DataFrame) -> str:
     if "device" not in df or df["device"].dropna().empty:
         return ""
     r = df.dropna(subset=["device"]).iloc[0]
-    threads = f", {int(r['threads'])} threads" if r.get("threads") is not None and not pd.isna(r.get("threads")) else ""
+    threads = f", {int(r['threads'])} thread(s)" if r.get("threads") is not None and not pd.isna(r.get("threads")) else ""
     method = r.get("memory_method") or ""
     return f"({r['device']}, {r['dtype']}{threads}; memory: {method})"
 
@@ -724,11 +733,14 @@ def plot_figures(tables: dict[str, pd.DataFrame], figures_dir) -> list[Path]:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     e = tables["end_to_end"]
-    for model, grp in e.groupby("model"):
+    vocabs = sorted(e["V"].unique()) if len(e) else []
+    dashes = {V: ls for V, ls in zip(vocabs, ["-", "--", ":", "-."] * 4)}
+    for (model, V), grp in e.groupby(["model", "V"]):
         color, marker, name = styles[model]
+        name = f"{name}, V = {V:,}" if len(vocabs) > 1 else name
         okg = grp[grp["status"] == "ok"].sort_values("B")
-        axes[0].plot(okg["B"], okg["tokens_per_s"], marker=marker, color=color, label=name)
-        axes[1].plot(okg["B"], okg["peak_mem_bytes"] / 2**20, marker=marker, color=color, label=name)
+        axes[0].plot(okg["B"], okg["tokens_per_s"], marker=marker, color=color, ls=dashes[V], label=name)
+        axes[1].plot(okg["B"], okg["peak_mem_bytes"] / 2**20, marker=marker, color=color, ls=dashes[V], label=name)
         for B in grp[grp["status"] == "oom"]["B"]:
             axes[0].axvline(B, color=color, ls=":", alpha=0.7)
             axes[0].annotate(f"{name}: OOM", (B, axes[0].get_ylim()[0]), color=color, fontsize=8, rotation=90)
@@ -738,19 +750,21 @@ def plot_figures(tables: dict[str, pd.DataFrame], figures_dir) -> list[Path]:
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    v = e["V"].iloc[0] if len(e) else "?"
-    axes[0].set_title(f"training step throughput (V = {v})")
+    axes[0].set_title("training step throughput" + (f" (V = {vocabs[0]:,})" if len(vocabs) == 1 else ""))
     axes[1].set_title("training step memory")
     save(fig, FIGURES[1])
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     i = tables["inference"]
     i = i[i["status"] == "ok"] if "status" in i else i
-    for model, grp in i.groupby("model"):
+    vocabs = sorted(i["V"].unique()) if len(i) else []
+    dashes = {V: ls for V, ls in zip(vocabs, ["-", "--", ":", "-."] * 4)}
+    for (model, V), grp in i.groupby(["model", "V"]):
         color, marker, name = styles[model]
+        name = f"{name}, V = {V:,}" if len(vocabs) > 1 else name
         grp = grp.sort_values("B")
-        axes[0].plot(grp["B"], grp["samples_per_s"], marker=marker, color=color, label=name)
-        axes[1].plot(grp["B"], grp["calls_per_s"], marker=marker, color=color, label=name)
+        axes[0].plot(grp["B"], grp["samples_per_s"], marker=marker, color=color, ls=dashes[V], label=name)
+        axes[1].plot(grp["B"], grp["calls_per_s"], marker=marker, color=color, ls=dashes[V], label=name)
     nfe = int(i["nfe"].iloc[0]) if len(i) else "?"
     for ax, label in ((axes[0], f"samples / s (NFE {nfe})"), (axes[1], "denoiser calls / s")):
         ax.set_xscale("log", base=2)
