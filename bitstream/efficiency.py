@@ -587,7 +587,7 @@ def boundary_comparison(boundary: pd.DataFrame) -> pd.DataFrame:
     b.loc[b["status"] != "ok", ["ms", "peak_mem_bytes"]] = float("nan")    # an OOM has no figures
     tok = b[b["head"] == "token"].set_index(keys)[cols]
     bit = b[b["head"] == "bit"].set_index(keys)[cols]
-    df = tok.join(bit, lsuffix="_token", rsuffix="_bit", how="outer").reset_index()
+    df = tok.merge(bit, left_index=True, right_index=True, how="outer", suffixes=("_token", "_bit")).reset_index()
     df = df.rename(columns={"ms_token": "token_ms", "ms_bit": "bit_ms", "status_token": "token_status",
                             "status_bit": "bit_status",
                             "peak_mem_bytes_token": "token_mem_bytes", "peak_mem_bytes_bit": "bit_mem_bytes"})
