@@ -63,7 +63,6 @@ import argparse
 import copy
 import gc
 import json
-import math
 import os
 import resource
 import statistics
