@@ -210,9 +210,9 @@ def sdt_config(architecture: Mapping, bits: int, seq_len: int, sigma_data: float
 
 
 def build_model(architecture: Mapping, bits: int, seq_len: int, sigma_data: float = 0.5) -> torch.nn.Module:
-    from bitstream.model import SDT
+    from bitstream.model import build_model as build
 
-    return SDT(sdt_config(architecture, bits, seq_len, sigma_data))
+    return build(sdt_config(architecture, bits, seq_len, sigma_data))
 
 
 def model_meta(ckpt: dict) -> dict:

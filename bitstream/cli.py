@@ -21,6 +21,7 @@ STAGES = {
     "summary": "mean ± std over seeds per spec",
     "tables": "Table 1 (md, csv, tex)",
     "figures": "the paper's figures (PNG)",
+    "efficiency": "O(log V) bit head vs O(V) token head: memory and time (spec §11)",
 }
 
 

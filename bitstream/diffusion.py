@@ -149,6 +149,24 @@ def binary_ce_loss(logits: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, 
 LOSSES = {"binary_sm": binary_sm_loss, "binary_ce": binary_ce_loss}
 
 
+def token_ce_loss(logits: torch.Tensor, ids: torch.Tensor, sigma: torch.Tensor, weighting: str = "edm",
+                  sigma_data: float = SIGMA_DATA) -> torch.Tensor:
+    """Token cross-entropy of the one-hot token baseline (spec §6.3, §10.2 "onehot_tokens_ce"):
+    ``mean_{b,n} λ(σ_b)·CE(ℓ_{b,n,:}, id_{b,n})`` over all B·L positions, float32.
+
+    ``logits`` [B, L, V] are the :class:`~bitstream.model.TokenSDT` outputs, ``ids`` [B, L] the clean
+    token ids, ``sigma`` [B]. The same x0-space weight λ(σ) as the bit losses (§4.1). Upstream chunks
+    the CE over 2048 rows to bound its float32 copy; without recomputing the head per chunk the saved
+    log-probabilities are B·L·V either way, so we take one pass (the O(V) cost is what is measured).
+    """
+    if logits.ndim != 3 or ids.shape != logits.shape[:2]:
+        raise ValueError(f"token_ce_loss: expected logits [B, L, V] and ids [B, L], got {tuple(logits.shape)} "
+                         f"and {tuple(ids.shape)}")
+    ce = F.cross_entropy(logits.float().flatten(0, 1), ids.long().flatten(), reduction="none").view(ids.shape)
+    w = _per_example(loss_weight(sigma, weighting, sigma_data), ce)
+    return (w * ce).mean()
+
+
 def per_example_mse(D: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     """Entropy-rate metric ``m_b = mean_i (D_{b,i} − x0_{b,i})²`` (spec §4.2), [B] float32, detached.
 

@@ -22,6 +22,13 @@ None). Released upstream weights load by name, but were trained with the other c
 model's config carries ``sc_absent = 0.0`` (``bitstream.import_model``), so None means zeros for it.
 
 Parameter names follow upstream (spec Appendix B) so released EMA checkpoints load strictly.
+The token-space baseline (spec §6.3, §10.2, the official "onehot_tokens_ce" ablation) lives at the end:
+:class:`TokenSDT` is the same trunk fed with one-hot token vectors through ``Linear(V → E)`` and read out
+by a full softmax head ``Linear(E → V)`` (:class:`TokenHead`); ``architecture.representation: tokens``
+selects it (:func:`build_model`). It exists to measure the O(V) vocabulary bottleneck the bit model
+removes (spec §11; ``python -m bitstream.efficiency``): its logits are [B, L, V] where the SDT's are
+[B, L·⌈log2 V⌉].
+
 ``python -m bitstream.model --sizes`` prints the paper sizes (built on the meta device, instant).
 """
 
@@ -37,6 +44,8 @@ import torch.nn.functional as F
 
 from bitstream.diffusion import LOGIT_MODES, SIGMA_DATA, c_in, c_noise, denoise_logits
 from bitstream.io import stage_main
+
+REPRESENTATIONS = ("bits", "tokens")
 
 try:  # optional extra (pyproject [gpu]); used only for `attention: flash` on CUDA in half precision
     from flash_attn import flash_attn_func
@@ -70,8 +79,18 @@ class SDTConfig:
     # Recorded in the checkpoint's architecture, so every consumer (samplers, VLB) uses the convention
     # the weights were trained with without knowing about it.
     sc_absent: float = 0.5
+    representation: str = "bits"  # bits (SDT) | tokens (TokenSDT: one-hot token baseline, spec §6.3)
+    vocab_size: int | None = None  # V of the tokens representation; None = 2**patch_size (every id fits)
 
     def __post_init__(self):
+        if self.representation not in REPRESENTATIONS:
+            raise ValueError(f"architecture.representation must be one of {REPRESENTATIONS}, got {self.representation!r}")
+        if self.vocab_size is not None and self.vocab_size < 2:
+            raise ValueError(f"architecture.vocab_size must be >= 2, got {self.vocab_size}")
+        if self.representation == "tokens" and self.logit_mode != "none":
+            # the matched filter is a per-bit posterior (§3); a softmax over V has no such closed form here
+            raise ValueError(f"architecture: representation 'tokens' needs logit_mode 'none' (the matched filter "
+                             f"is a per-bit posterior, spec §3), got {self.logit_mode!r}")
         if self.embed_dim % self.n_heads or (self.embed_dim // self.n_heads) % 2:
             raise ValueError(f"architecture: embed_dim ({self.embed_dim}) must be n_heads ({self.n_heads}) times "
                              f"an even head dimension (RoPE rotates pairs)")
@@ -93,6 +112,11 @@ class SDTConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def vocab(self) -> int:
+        """V: the token model's vocabulary (``vocab_size``, else 2**P)."""
+        return int(self.vocab_size) if self.vocab_size is not None else 2 ** self.patch_size
 
     @property
     def n_pos_features(self) -> int:
@@ -276,6 +300,8 @@ class SDT(nn.Module):
 
     def __init__(self, cfg: SDTConfig):
         super().__init__()
+        if cfg.representation != "bits":
+            raise ValueError(f"SDT needs architecture.representation 'bits', got {cfg.representation!r} (see build_model)")
         self.cfg = cfg
         E, C, P = cfg.embed_dim, cfg.content_dim, cfg.patch_size
         self.cont_input_proj = nn.Linear(1, C)                    # shared by noisy and SC scalars (§7)
@@ -357,6 +383,97 @@ class SDT(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
+# The token-space baseline: same trunk, one-hot token input, full softmax head (spec §6.3, §10.2)
+# --------------------------------------------------------------------------------------------------
+
+class TokenHead(nn.Module):
+    """Full softmax head over V (upstream ``token_full``, spec §6.3):
+    ``Linear(E → V)( SiLU(Linear(E → E)(LN(h))) + Linear(E → E)(t) )`` -> [B, L, V] token logits."""
+
+    def __init__(self, embed_dim: int, vocab: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(embed_dim)
+        self.proj = nn.Linear(embed_dim, embed_dim)
+        self.time_proj = nn.Linear(embed_dim, embed_dim)
+        self.out = nn.Linear(embed_dim, vocab)        # the O(V) output layer: d·V weights, B·L·V logits
+
+    def forward(self, tokens: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.proj(self.norm(tokens))) + self.time_proj(t)[:, None, :]
+        return self.out(h)
+
+
+class TokenSDT(nn.Module):
+    """Continuous one-hot token diffusion with the SDT trunk (spec §6.3, §10.2; the efficiency baseline).
+
+    ``forward(x_sigma [B, L, V], sigma [B], x0_hat [B, L, V] or None) -> token logits [B, L, V]``.
+    The clean state is the one-hot vector of each token, centred at 1/V (upstream's data centre for
+    tokens): ``a = (x_σ − 1/V)·c_in`` enters through ``Linear(V → E)``; self-conditioning adds
+    ``Linear(V → E)((x̂0 − 1/V)·c_in)``, where ``x̂0`` are softmax probabilities and None (absent) means
+    the uniform distribution, i.e. a zero signal — the same "absent = uninformative" contract as the
+    bit model (module docstring). Then the noise embedding and trunk of :class:`SDT` (no patching: one
+    position per token) and :class:`TokenHead`. Trained with token cross-entropy
+    (``bitstream.diffusion.token_ce_loss``); no matched filter (``logit_mode: none``).
+    """
+
+    def __init__(self, cfg: SDTConfig):
+        super().__init__()
+        if cfg.representation != "tokens":
+            raise ValueError(f"TokenSDT needs architecture.representation 'tokens', got {cfg.representation!r}")
+        self.cfg = cfg
+        E, V = cfg.embed_dim, cfg.vocab
+        self.input_proj = nn.Linear(V, E)
+        self.sc_proj = nn.Linear(V, E) if cfg.self_condition else None
+        self.time_fn = SinusoidalNoiseEmbedding(E)
+        self.time_proj = nn.Linear(E, E, bias=False)
+        self.time_cond = nn.Linear(E, E)
+        self.rope = RotaryEmbedding(E // cfg.n_heads, cfg.rope_base)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_blocks))
+        self.head = TokenHead(E, V)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Linears N(0, 0.02) with zero bias, adaLN modulations zero (as :meth:`SDT.reset_parameters`)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            if isinstance(module, AdaLN):
+                nn.init.zeros_(module.mlp[1].weight)
+                nn.init.zeros_(module.mlp[1].bias)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def logits(self, x_sigma: torch.Tensor, sigma: torch.Tensor, x0_hat: torch.Tensor | None = None) -> torch.Tensor:
+        """Token logits (float32) [B, L, V]; ``softmax`` of them is the denoiser's estimate of x0."""
+        return self(x_sigma, sigma, x0_hat).float()
+
+    def forward(self, x_sigma: torch.Tensor, sigma: torch.Tensor, x0_hat: torch.Tensor | None = None) -> torch.Tensor:
+        cfg, V = self.cfg, self.cfg.vocab
+        if x_sigma.ndim != 3 or x_sigma.shape[2] != V:
+            raise ValueError(f"TokenSDT: expected x_sigma of shape [B, L, V={V}] (noisy one-hot tokens), "
+                             f"got {tuple(x_sigma.shape)}")
+        B, n, _ = x_sigma.shape
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x_sigma.device).expand(B)
+        scale = c_in(sigma, cfg.sigma_data)[:, None, None]
+        dtype = self.input_proj.weight.dtype
+        tokens = self.input_proj(((x_sigma.float() - 1.0 / V) * scale).to(dtype))
+        if self.sc_proj is not None and x0_hat is not None:    # absent = uniform = a zero signal
+            tokens = tokens + self.sc_proj(((x0_hat.float() - 1.0 / V) * scale).to(dtype))
+        t = self.time_cond(self.time_proj(self.time_fn(c_noise(sigma))))
+        cos, sin = self.rope(n, x_sigma.device)
+        for block in self.blocks:
+            tokens = block(tokens, t, cos, sin)
+        return self.head(tokens, t)
+
+
+def build_model(cfg: SDTConfig) -> nn.Module:
+    """The network a config asks for: :class:`SDT` (``representation: bits``) or :class:`TokenSDT`."""
+    return TokenSDT(cfg) if cfg.representation == "tokens" else SDT(cfg)
+
+
+# --------------------------------------------------------------------------------------------------
 # Parameter counts: python -m bitstream.model --sizes | --config config/config.yaml
 # --------------------------------------------------------------------------------------------------
 
@@ -369,9 +486,9 @@ PAPER_SIZES = {   # spec §6.1: name -> (config, published parameter count)
 
 
 def count_params(cfg: SDTConfig) -> int:
-    """Parameter count of an SDT, built on the meta device (no memory, instant)."""
+    """Parameter count of the configured network, built on the meta device (no memory, instant)."""
     with torch.device("meta"):
-        return SDT(cfg).num_params()
+        return build_model(cfg).num_params()
 
 
 @stage_main("model")

@@ -171,6 +171,9 @@ def main(argv=None) -> None:
         check_writable(args.out)
         decoder = TextDecoder.from_run_dir(args.run_dir)
         model, meta = load_model(str(checkpoint), device=str(device))
+        if getattr(getattr(model, "cfg", None), "representation", "bits") != "bits":
+            raise ValueError(f"{checkpoint}: a token-space baseline (architecture.representation: tokens); "
+                             f"the bit samplers and the bit VLB do not apply to it")
         check_fits_run(meta, args.run_dir, decoder, checkpoint)
         width, seq_len = int(meta["bits"]), int(meta["seq_len"])
     except (ValueError, FileNotFoundError, KeyError) as err:

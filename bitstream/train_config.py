@@ -26,7 +26,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 ARCHITECTURE_DEFAULTS: dict[str, Any] = {
     "embed_dim": 768, "n_blocks": 12, "n_heads": 12, "dim_ff": 3072, "content_dim": 64, "head_hidden": 128,
     "dropout": 0.1, "rope_base": 10000.0, "self_condition": True, "logit_mode": "matched_filter_residual",
-    "mf_clip": 30.0, "attention": "sdpa",
+    "mf_clip": 30.0, "attention": "sdpa", "representation": "bits", "vocab_size": None,
 }
 RESOURCES_DEFAULTS: dict[str, Any] = {
     "gpus": 0, "gpu_model": None, "cpus": 1, "mem_mb": 4000, "runtime": 60, "slurm_partition": None,
@@ -64,4 +64,10 @@ def fill_defaults(params: dict) -> dict:
     if not 0 < t["sigma_min"] < t["sigma_max"]:
         raise ValueError(f"training.sigma_min/sigma_max: need 0 < sigma_min < sigma_max, got "
                          f"{t['sigma_min']}, {t['sigma_max']}")
+    tokens = cfg["architecture"]["representation"] == "tokens"
+    if tokens != (t["loss"] == "token_ce"):
+        # the one-hot token baseline (spec §6.3, §10.2) is trained with token CE, the bit model never is
+        raise ValueError(f"training.loss: {t['loss']!r} does not fit architecture.representation "
+                         f"{cfg['architecture']['representation']!r} (token_ce goes with tokens, "
+                         f"binary_sm / binary_ce with bits)")
     return cfg

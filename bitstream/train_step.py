@@ -43,7 +43,7 @@ def train_step(state: TrainState, net: torch.nn.Module, x0: torch.Tensor, arch: 
     if gamma > 0 and state.first_gamma_step is None:
         state.first_gamma_step = state.step + 1          # 1-based number of the first step using the tables
     tables = state.entropy.tables if t["entropy"]["enabled"] else None
-    d = draw_batch(int(t["batch_size"]), x0.shape[1], t, arch["self_condition"], state.generators["sigma"],
+    d = draw_batch(int(t["batch_size"]), state_width(state.model, x0), t, arch["self_condition"], state.generators["sigma"],
                    state.generators["noise"], tables, state.step, dist)
     lr = state.scheduler.get_last_lr()[0]
     state.optimizer.zero_grad(set_to_none=True)
@@ -104,6 +104,8 @@ def diffusion_loss(net, sc_net, x0: torch.Tensor, d: Draw, arch: dict, t: dict, 
     """
     from bitstream.diffusion import LOSSES, add_noise, denoise_logits, per_example_mse
 
+    if arch.get("representation", "bits") == "tokens":
+        return token_diffusion_loss(net, sc_net, x0, d, t, autocast)
     mode, clip = arch["logit_mode"], float(arch["mf_clip"])
     x = add_noise(x0, d.sigma, d.noise)
     x0_hat = None
@@ -117,6 +119,51 @@ def diffusion_loss(net, sc_net, x0: torch.Tensor, d: Draw, arch: dict, t: dict, 
         logits = denoise_logits(net, x, d.sigma, x0_hat, mode=mode, clip=clip)
     loss = LOSSES[t["loss"]](logits.float(), x0, d.sigma, weighting=t["weighting"], sigma_data=t["sigma_data"])
     mse = per_example_mse(torch.sigmoid(logits.float()), x0)
+    return loss, mse
+
+
+def state_width(model: torch.nn.Module, x0: torch.Tensor) -> int:
+    """Coordinates of one example's diffusion state: its L·P bits, or L·V one-hot entries for the token
+    baseline (``model`` is the plain module; its ``cfg`` says which)."""
+    cfg = model.cfg
+    if cfg.representation == "tokens":
+        return (x0.shape[1] // cfg.patch_size) * cfg.vocab
+    return x0.shape[1]
+
+
+def token_diffusion_loss(net, sc_net, x0_bits: torch.Tensor, d: Draw, t: dict, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one-hot token baseline's loss (spec §6.3, §10.2 "onehot_tokens_ce"): the clean state is the
+    one-hot vector of each token, ``x_σ = onehot + σ·ε``, token cross-entropy with the EDM weight
+    (``diffusion.token_ce_loss``), m_b = mean (softmax − onehot)² for the entropy tables (§4.2).
+
+    Self-conditioning as for bits (§7): the estimate (softmax probabilities) is made with ``x0_hat =
+    None``; rows not chosen get the uniform 1/V, which :class:`~bitstream.model.TokenSDT` reads as
+    "absent" (a zero signal), like 0.5 for bits. Same data, σ and self-conditioning draws as the bit
+    model; only the noise has L·V coordinates per example.
+    """
+    import torch.nn.functional as F
+
+    from bitstream.bits import bits_to_ids
+    from bitstream.diffusion import add_noise, per_example_mse, token_ce_loss
+
+    cfg = sc_net.cfg
+    V = cfg.vocab
+    ids = bits_to_ids(x0_bits, cfg.patch_size)                               # [b, L]
+    if int(ids.max()) >= V:
+        raise ValueError(f"architecture.vocab_size: token id {int(ids.max())} in the data does not fit V = {V}")
+    x0 = F.one_hot(ids, V).float()                                           # [b, L, V]
+    x = add_noise(x0, d.sigma, d.noise.view(x0.shape))
+    x0_hat = None
+    if d.sc is not None:
+        x0_hat = torch.full_like(x, 1.0 / V)
+        if bool(d.sc.any()):
+            with torch.no_grad(), autocast():
+                logits_sc = sc_net(x[d.sc], d.sigma[d.sc], None)
+            x0_hat[d.sc] = torch.softmax(logits_sc.float(), dim=-1)
+    with autocast():
+        logits = net(x, d.sigma, x0_hat)
+    loss = token_ce_loss(logits.float(), ids, d.sigma, weighting=t["weighting"], sigma_data=t["sigma_data"])
+    mse = per_example_mse(torch.softmax(logits.float(), dim=-1), x0)
     return loss, mse
 
 
@@ -145,7 +192,7 @@ def validate(ema_model: torch.nn.Module, rows: np.ndarray, bits: int, arch: dict
     for k in range(int(t["val_batches"])):
         idx = (k * global_batch + dist.rank * b + np.arange(b)) % n_val
         x0 = rows_to_bits(rows, idx, bits, dist.device)
-        d = draw_batch(global_batch, x0.shape[1], t, arch["self_condition"], gen, noise_gen, None, 0, dist)
+        d = draw_batch(global_batch, state_width(ema_model, x0), t, arch["self_condition"], gen, noise_gen, None, 0, dist)
         loss, _ = diffusion_loss(ema_model, ema_model, x0, d, arch, t, autocast)
         total += loss.double()
     all_reduce_sum(total, dist)

@@ -164,6 +164,9 @@ def main(argv: list[str] | None = None) -> None:
         if not checkpoint.exists():
             raise FileNotFoundError(f"{checkpoint}: checkpoint not found")
         model, meta = load_model(str(checkpoint), device=str(device))
+        if getattr(getattr(model, "cfg", None), "representation", "bits") != "bits":
+            raise ValueError(f"{checkpoint}: a token-space baseline (architecture.representation: tokens); "
+                             f"the bit samplers and the bit VLB do not apply to it")
         width, seq_len = int(meta["bits"]), int(meta["seq_len"])
         prefix = Path(args.cache_dir) / args.split
         rows, _ = load_cache(prefix)

@@ -18,6 +18,10 @@ def _check_references():
         for m in rc["models"]:
             if m not in config["models"]:
                 problems.append(f"runs.{run}.models: '{m}' is not defined under models: ({', '.join(config['models'])})")
+            elif config["models"][m]["architecture"].get("representation") == "tokens":
+                problems.append(f"runs.{run}.models: '{m}' is the token-space baseline (architecture.representation: tokens), "
+                                f"which the bit samplers cannot sample; train it alone (results/{run}/models/{m}/checkpoints/final.pt) "
+                                f"or measure it with `snakemake efficiency`")
         for s in rc["specs"]:
             if s not in config["sampler_specs"]:
                 problems.append(f"runs.{run}.specs: '{s}' is not defined under sampler_specs: ({', '.join(config['sampler_specs'])})")
