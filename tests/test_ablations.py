@@ -125,15 +125,21 @@ def test_table_and_figures_from_metric_files(tmp_path):
 # workflow
 
 
-def test_ablation_config_dry_run_lists_variants_and_ar_jobs(tmp_path):
+@pytest.fixture(scope="module")
+def ablation_dry_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("ablation_dag")
+    return work, snakemake("-n", "--cores", "2", "all", "--configfile", str(ABLATIONS), cwd=work).stdout
+
+
+def test_ablation_config_dry_run_lists_variants_and_ar_jobs(ablation_dry_run):
     import yaml
 
+    _, out = ablation_dry_run
     cfg = yaml.safe_load(ABLATIONS.read_text())
     n_models = len(cfg["runs"]["lm1b_abl"]["models"])
     n_specs = len(cfg["runs"]["lm1b_abl"]["specs"])
     n_seeds = len(cfg["seeds"])
     assert n_models >= 5 and n_seeds >= 3
-    out = snakemake("-n", "--cores", "2", "all", "--configfile", str(ABLATIONS), cwd=tmp_path).stdout
     jobs = job_counts(out)
     assert jobs["train"] == n_models
     assert jobs["ar_train"] == 1 and jobs["ar_sample"] == n_seeds
@@ -144,6 +150,34 @@ def test_ablation_config_dry_run_lists_variants_and_ar_jobs(tmp_path):
         assert f"models/{model}/checkpoints/final.pt" in out
 
 
+def test_deleting_one_variant_metric_file_reruns_that_job_and_the_reports_only(ablation_dry_run):
+    """A completed results tree is stood in for by empty files with one common mtime (every output of
+    the dry run); after deleting one variant's metric file, asking for it and for `all` must bring back
+    exactly its metrics job and what is built from metric files (summary, tables, figures)."""
+    import os
+    import re
+
+    work, out = ablation_dry_run
+    outputs = set()
+    for line in out.splitlines():
+        m = re.match(r"\s+output: (.*)", line)
+        if m:
+            outputs.update(p.strip() for p in m.group(1).split(","))
+    stamp = 2_000_000_000  # one mtime for every output, later than the code files
+    for rel in outputs:
+        p = work / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"")
+        os.utime(p, (stamp, stamp))
+    victim = "results/lm1b_abl/metrics/abl_no_mf/det_nfe64/seed1.parquet"
+    assert victim in outputs
+    (work / victim).unlink()
+    proc = snakemake("-n", "--cores", "2", "all", victim, "--configfile", str(ABLATIONS), cwd=work)
+    jobs = job_counts(proc.stdout)
+    assert jobs == {"metrics": 1, "summary": 1, "tables": 1, "figures": 1, "ablation_tables": 1,
+                    "ablation_figures": 1, "all": 1}, jobs
+
+
 def test_paper_ablation_config_dry_runs_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = REPO / "config" / "paper" / "lm1b_ablations.yaml"
@@ -151,3 +185,4 @@ def test_paper_ablation_config_dry_runs_offline(tmp_path, monkeypatch):
     out = snakemake("--profile", str(tmp_path / "slurm"), "-n", "all", "--configfile", str(cfg), cwd=tmp_path).stdout
     jobs = job_counts(out)
     assert jobs["train"] == 5 and jobs["ar_train"] == 1 and jobs["ablation_tables"] == 1
+
