@@ -5,7 +5,8 @@ Two kinds of file are written by :mod:`bitstream.train` (spec §13, "Checkpoint 
 * a **training state** (``checkpoints/last.pt``, kept ``checkpoints/step=NNNNNNNNN.pt``): everything a
   resumed run needs to continue bit for bit — raw weights, EMA shadow, optimizer, lr scheduler, every
   RNG state, the data position, the entropy buffer and tables, the log so far, and the config it was
-  trained with. ``format = TRAIN_STATE_FORMAT``.
+  trained with (the one list of fields: :class:`bitstream.train_state.TrainState`).
+  ``format = TRAIN_STATE_FORMAT``.
 * a **model file** (``checkpoints/final.pt``): the EMA weights "baked" into ``model`` plus a small
   ``meta`` (architecture, training, bits, seq_len, step, provenance), like the upstream release
   checkpoints. ``format = MODEL_FORMAT``.
