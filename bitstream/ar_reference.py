@@ -23,8 +23,12 @@ AR model itself) and it lands in the summary, Table 1 and the ablation table lik
   decoded like diffusion samples; OWT rows have their framing EOS stripped like the inverse codec's
   output, then are decoded by the base tokenizer. A generated BOS (the model never sees one after
   position 0, but nothing forbids it) becomes the unknown token and counts as an invalid code.
-  Micro-batch ``k`` is generated under ``torch.manual_seed(derive(seed, first index))``: a fixed seed
-  gives the same samples.
+  The micro-batch starting at sample ``i`` is generated under ``torch.manual_seed(derive_seed(seed,
+  "noise", i))``: a fixed seed gives the same samples (for a fixed ``micro_batch``).
+* Training reuses the diffusion trainer's model-agnostic pieces (issue 14): the deterministic global
+  batch order (``train_data.GlobalBatches``), AdamW + warm-up/cosine lr + EMA + the update
+  (``train_optim``), the resumable state and ``last.pt`` (``train_state.TrainState``), and the process
+  set-up (``distributed``). Validation and the shipped weights are the EMA's, as for the SDT.
 
 CLI::
 
@@ -36,7 +40,6 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import sys
 import time
@@ -45,6 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from bitstream.io import parse_json_arg, provenance, read_json, write_json, write_parquet
+from bitstream.train_data import derive_seed
 
 SAMPLER = "ar_ancestral"   # the 'sampler' of its rows (Table 1 labels them "AR reference")
 SPEC = "ancestral"         # the spec wildcard of its sample / metric files
@@ -65,12 +69,6 @@ def fill_defaults(params: dict) -> dict:
     out["training"] = {**AR_DEFAULTS["training"], **(params.get("training") or {})}
     out["sampling"] = {**AR_DEFAULTS["sampling"], **(params.get("sampling") or {})}
     return out
-
-
-def derive_seed(*parts) -> int:
-    """A 63-bit seed from any parts (stable across processes: no Python hash)."""
-    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -174,6 +172,143 @@ def with_bos(rows: np.ndarray, bos: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Training (shared pieces of bitstream.train_*: batches, lr schedule, EMA, update, resumable state)
+
+
+def _val_nll(model, rows: np.ndarray, bos: int, batch: int, device) -> tuple[float, int]:
+    """Mean NLL per token (nats) of ``rows`` with BOS prefixed: every real token is scored."""
+    from bitstream.judge import block_nll
+
+    if len(rows) == 0:
+        return float("nan"), 0
+    total, count = block_nll(model, with_bos(rows, bos), batch, device)
+    return total / count, count
+
+
+def train_ar(run_dir, params: dict, out_dir, device: str | None = None, stop_after: int | None = None,
+             quiet: bool = False) -> dict:
+    """Train (or resume from ``{out_dir}/checkpoints/last.pt``) the AR reference; write the EMA model
+    (``model/``), ``train_log.parquet`` and, last, ``ar_meta.json``. Returns the meta."""
+    import pandas as pd
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from bitstream.distributed import setup_distributed, shutdown
+    from bitstream.train import wrap_for_training
+    from bitstream.train_data import GlobalBatches, data_fingerprint, rows_to_ids
+    from bitstream.train_optim import EMA, WarmupCosine, make_optimizer, optimizer_step
+    from bitstream.train_state import TrainState
+
+    from bitstream.judge import _quiet_transformers
+
+    _quiet_transformers()
+    p = fill_defaults(params)
+    t = p["training"]
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    style = p.get("style")
+    if style not in ("lm1b", "owt"):
+        raise ValueError(f"--params: style must be 'lm1b' or 'owt', got {style!r}")
+    dist = setup_distributed(device)
+    log = (lambda *a: None) if (quiet or not dist.main) else (lambda *a: print("[ar]", *a, file=sys.stderr, flush=True))
+    try:
+        torch.set_num_threads(int(t["num_threads"]) or max(1, int((p.get("resources") or {}).get("cpus", 1))))
+        train_rows, train_meta = load_rows(run_dir, style, "train")
+        val_rows, _ = load_rows(run_dir, style, "validation")
+        where = str(data_prefix(run_dir, style, "train"))
+        vocab, row_len = vocab_size_of(train_meta, where), int(train_rows.shape[1])
+        target = None
+        if p.get("match_model") is not None:
+            if "match_architecture" not in p:
+                raise ValueError("--params: match_model given without match_architecture (the workflow passes it)")
+            target = diffusion_params(p["match_architecture"], int(p["bits"]), int(p["seq_len"]))
+        cfg, n_params = build_config(p, vocab, row_len, target)
+        bos = int(vocab)
+        steps, batch = int(t["steps"]), int(t["batch_size"])
+        if batch % dist.world_size:
+            raise ValueError(f"ar_models.<name>.training.batch_size {batch} is not divisible by {dist.world_size} processes")
+
+        torch.manual_seed(int(t["seed"]))
+        model = GPT2LMHeadModel(cfg).to(dist.device)
+        opt = make_optimizer(model, t)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(t["lr"], t["min_lr"], t["warmup_steps"], steps))
+        state = TrainState(model, EMA(model, t["ema_decay"]), opt, sched, generators={})
+        torch.manual_seed(derive_seed(int(t["seed"]), "dropout", dist.rank))
+        saved_config = {"ar": {k: v for k, v in p.items() if k not in ("resources", "sampling")},
+                        "gpt2": {"n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd,
+                                 "vocab_size": cfg.vocab_size, "n_positions": cfg.n_positions},
+                        "data": {"train_rows": int(len(train_rows)), "vocab_size": vocab,
+                                 "train_fingerprint": data_fingerprint(Path(f"{where}.u16"))}}
+        batches = GlobalBatches(len(train_rows), batch, int(t["seed"]))
+        last = out_dir / "checkpoints" / "last.pt"
+        if last.exists():
+            state.load(last, dist, config=saved_config, seed=int(t["seed"]), log=log)
+            log(f"resumed from {last} at step {state.step}/{steps}")
+        else:
+            log(f"GPT-2 {cfg.n_layer}x{cfg.n_embd} ({n_params:,} parameters"
+                + (f"; {p['match_model']}: {target:,}" if target else "") + f"), vocab {vocab} + BOS, rows of "
+                f"{row_len} from {where}.u16 ({len(train_rows):,} rows), batch {batch}, {steps} steps on {dist.device}")
+        net = wrap_for_training(model, {"compile": False}, dist)
+        n_val = min(len(val_rows), int(t["val_batches"]) * batch)
+        t_start = time.monotonic()
+
+        def save_last():
+            state.save(last, dist, config=saved_config, data_position=batches.position(state.step),
+                       provenance=provenance(saved_config), wall_time_s=state.wall_before + time.monotonic() - t_start)
+
+        target_step = steps if stop_after is None else min(steps, int(stop_after))
+        model.train()
+        while state.step < target_step:
+            t0 = time.monotonic()
+            ids = rows_to_ids(train_rows, batches.indices(state.step, dist.rank, dist.world_size))
+            x = torch.from_numpy(with_bos(ids, bos)).to(dist.device)
+            opt.zero_grad(set_to_none=True)
+            # labels shift inside: BOS is never a target; the mask says "no padding" (pad id = BOS)
+            loss = net(input_ids=x, attention_mask=torch.ones_like(x), labels=x).loss
+            grad_norm = optimizer_step(loss, model, opt, sched, state.ema, float(t["grad_clip"]))
+            state.step += 1
+            state.interval.add(float(loss.detach()), grad_norm, torch.zeros(0), time.monotonic() - t0)
+            step = state.step
+            val = float("nan")
+            if step % int(t["val_every"]) == 0 or step == steps:
+                val, _ = _val_nll(state.ema.model, val_rows[:n_val], bos, batch, dist.device)
+                model.train()
+            if step % int(t["log_every"]) == 0 or step % int(t["val_every"]) == 0 or step == steps:
+                iv = state.interval
+                state.log_rows.append({"step": step, "train_loss": iv.loss / iv.steps, "val_nll": val,
+                                       "lr": sched.get_last_lr()[0], "grad_norm": iv.grad_norm / iv.steps,
+                                       "steps_per_s": iv.steps / iv.train_time if iv.train_time > 0 else float("nan"),
+                                       "wall_time_s": state.wall_before + time.monotonic() - t_start})
+                state.interval.reset()
+            if step % int(t["checkpoint_every"]) == 0 or step == target_step:
+                save_last()
+        if state.step < steps:
+            log(f"stopped at step {state.step}/{steps}; {last} saved")
+            return {"step": state.step, "stopped": True, "params": n_params, "target_params": target,
+                    "val_nll": float("nan")}
+        if not dist.main:
+            return {}
+        val_nll, val_tokens = _val_nll(state.ema.model, val_rows[:n_val], bos, batch, dist.device)
+        state.ema.model.cpu().save_pretrained(str(out_dir / "model"))
+        df = pd.DataFrame(state.log_rows)
+        for k, v in provenance(saved_config).items():
+            df[k] = v
+        write_parquet(out_dir / "train_log.parquet", df)
+        rates = df["steps_per_s"].replace([np.inf], np.nan).dropna()
+        meta = {"kind": "gpt2", "params": n_params, "target_params": target, "match_model": p.get("match_model"),
+                "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_embd": cfg.n_embd, "vocab_size": vocab,
+                "bos_id": bos, "row_len": row_len, "style": style, "data": where + ".u16", "step": state.step,
+                "val_nll": val_nll, "val_ppl": math.exp(val_nll) if val_tokens else float("nan"),
+                "val_tokens": val_tokens, "steps_per_s": float(rates.median()) if len(rates) else float("nan"),
+                "wall_time_s": state.wall_before + time.monotonic() - t_start, **provenance(saved_config)}
+        write_json(out_dir / AR_META, meta)
+        log(f"done: {state.step} steps, validation NLL {val_nll:.4f} nats/token (EMA), "
+            f"{meta['steps_per_s']:.3g} steps/s -> {out_dir}")
+        return meta
+    finally:
+        shutdown(dist)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Sampling and decoding
 
 
@@ -190,7 +325,7 @@ def generate_rows(model, bos: int, row_len: int, num_samples: int, micro_batch: 
     out, calls, t0 = [], 0, time.monotonic()
     for start in range(0, num_samples, micro_batch):
         b = min(micro_batch, num_samples - start)
-        torch.manual_seed(derive_seed("ar-sample", seed, start))
+        torch.manual_seed(derive_seed(seed, "noise", start))
         prompt = torch.full((b, 1), int(bos), dtype=torch.long, device=device)
         with torch.no_grad():
             ids = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
@@ -282,6 +417,7 @@ def main(argv: list[str] | None = None) -> None:
     tr.add_argument("--params", required=True, help="ar_models.<name> plus style/bits/seq_len/match (JSON)")
     tr.add_argument("--out-dir", required=True)
     tr.add_argument("--device", default=None)
+    tr.add_argument("--stop-after", type=int, default=None, help="save checkpoints/last.pt and leave after N steps")
     sp = sub.add_parser("sample", help="ancestral samples -> a sample parquet")
     sp.add_argument("--run-dir", required=True)
     sp.add_argument("--model-dir", required=True)
@@ -296,9 +432,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         params = parse_json_arg(args.params)
         if args.cmd == "train":
-            from bitstream.ar_train import train_ar
-
-            meta = train_ar(args.run_dir, params, args.out_dir, device=args.device)
+            meta = train_ar(args.run_dir, params, args.out_dir, device=args.device, stop_after=args.stop_after)
+            if meta.get("stopped"):
+                return
             print(f"[ar] {meta['params']:,} parameters (target {meta.get('target_params')}); "
                   f"validation NLL {meta['val_nll']:.4f}", file=sys.stderr)
         else:

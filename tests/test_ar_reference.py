@@ -39,10 +39,10 @@ def lm1b_run(tmp_path_factory) -> Path:
     return run
 
 
-def _params(steps=60, **training):
+def _params(steps=80, **training):
     return {"style": "lm1b", "bits": BITS, "seq_len": SEQ_LEN, "match_model": "sdt", "match_architecture": ARCH,
             "n_layer": 1, "n_head": 2, "n_embd": None,
-            "training": {"steps": steps, "batch_size": 16, "lr": 3e-3, "warmup_steps": 5, "log_every": 5,
+            "training": {"steps": steps, "batch_size": 16, "lr": 1e-2, "warmup_steps": 5, "log_every": 5, "ema_decay": 0.9,
                          "val_every": steps, "val_batches": 2, "checkpoint_every": 1000, **training},
             "sampling": {"num_samples": 6, "micro_batch": 4}}
 
@@ -71,9 +71,9 @@ def test_loss_falls_and_meta_records_the_size(trained):
     log = pd.read_parquet(out / "train_log.parquet")
     train = log.dropna(subset=["train_loss"])
     first, last = train["train_loss"].iloc[:2].mean(), train["train_loss"].iloc[-2:].mean()
-    assert last < first - 0.5, (first, last)
+    assert last < first - 0.4, (first, last)
     assert abs(meta["params"] - meta["target_params"]) / meta["target_params"] <= 0.10
-    assert np.isfinite(meta["val_nll"]) and meta["val_nll"] < np.log(301)
+    assert np.isfinite(meta["val_nll"]) and meta["val_nll"] < np.log(301) - 0.4  # uniform over 300 ids + BOS
     assert json.loads((out / ar.AR_META).read_text())["row_len"] == SEQ_LEN
 
 

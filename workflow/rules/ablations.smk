@@ -83,6 +83,7 @@ def ar_params(wc):
     rc = RUNS[wc.run]
     match = ac.get("match_model")
     p = {k: v for k, v in ac.items() if k not in ("resources", "sampling")}
+    p["resources"] = {"cpus": ac["resources"]["cpus"], "gpus": ac["resources"]["gpus"]}  # threads / device
     p.update(style=rc["style"], bits=rc["bits"], seq_len=rc["seq_len"])
     if match is not None:
         p["match_architecture"] = config["models"][match].get("architecture", {})
