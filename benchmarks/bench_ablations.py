@@ -123,7 +123,9 @@ def main(argv=None) -> None:
         j_per = (j_l - j_s) / (args.steps - args.steps_short)
         rows.append(("judge", 1, j_s - j_per * args.steps_short + j_per * int(judge["steps"])))
         # sampling: one job per distinct cost class, counted for every (model, spec, seed)
-        ckpt = run_dir / "models" / base / "checkpoints" / "final.pt"
+        # the cost of sampling does not depend on the weights: any trained model of the run's shape will do
+        ckpt = next((c for m in rc["models"] if (c := run_dir / "models" / m / "checkpoints" / "final.pt").exists()),
+                    run_dir / "models" / base / "checkpoints" / "final.pt")
         classes: dict[tuple, list[str]] = {}
         for s in rc["specs"]:
             sp = cfg["sampler_specs"][s]
