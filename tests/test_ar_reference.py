@@ -98,3 +98,30 @@ def test_resumed_training_equals_uninterrupted(lm1b_run, tmp_path):
     ar.train_ar(lm1b_run, _params(steps=12, checkpoint_every=6), tmp_path / "b", device="cpu", stop_after=6)
     resumed = ar.train_ar(lm1b_run, _params(steps=12, checkpoint_every=6), tmp_path / "b", device="cpu")
     assert resumed["val_nll"] == pytest.approx(straight["val_nll"], abs=1e-6)
+
+
+def test_mauve_with_a_local_causal_lm_featurizer(lm1b_run, trained):
+    """MAUVE runs offline with any causal LM as featurizer (here the trained AR model saved with the
+    run's tokenizer): the same texts against themselves score ~1, against shuffled-token gibberish less."""
+    import shutil
+
+    from bitstream.metrics import mauve_score
+
+    out, _ = trained
+    feat_dir = out / "featurizer"
+    shutil.copytree(out / "model", feat_dir, dirs_exist_ok=True)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(str(lm1b_run / "tokenizer" / "base")).save_pretrained(str(feat_dir))
+
+    texts = [json.loads(line)["text"] for line in (lm1b_run / "corpus" / "test.jsonl").read_text().splitlines()[:60]]
+    rng = np.random.default_rng(0)
+    gibberish = [" ".join(rng.permutation(t.split())[::-1]) + " zz qq" * 5 for t in texts]
+    params = {"mauve": True, "mauve_featurizer": str(feat_dir)}
+    same, reason = mauve_score(texts[:30], texts[30:], params, 32, torch.device("cpu"))
+    assert reason is None and 0 < same <= 1
+    other, _ = mauve_score(gibberish[:30], texts[30:], params, 32, torch.device("cpu"))
+    assert other < same
+    missing, why = mauve_score(texts, texts, {"mauve": True, "mauve_featurizer": str(out / "nope")}, 32,
+                               torch.device("cpu"))
+    assert np.isnan(missing) and "nope" in why
