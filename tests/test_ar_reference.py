@@ -125,3 +125,19 @@ def test_mauve_with_a_local_causal_lm_featurizer(lm1b_run, trained):
     missing, why = mauve_score(texts, texts, {"mauve": True, "mauve_featurizer": str(out / "nope")}, 32,
                                torch.device("cpu"))
     assert np.isnan(missing) and "nope" in why
+
+
+def test_stage_defaults_agree_with_the_schema():
+    import yaml
+
+    from conftest import REPO
+
+    schema = yaml.safe_load((REPO / "workflow" / "schemas" / "config.schema.yaml").read_text())["$defs"]["ar_model"]
+
+    def defaults(props):
+        return {k: v.get("default") for k, v in props.items() if k not in ("training", "sampling", "resources")}
+
+    props = schema["properties"]
+    assert defaults(props) == {k: v for k, v in ar.AR_DEFAULTS.items() if k not in ("training", "sampling")}
+    for section in ("training", "sampling"):
+        assert {k: v["default"] for k, v in props[section]["properties"].items()} == ar.AR_DEFAULTS[section]
