@@ -70,6 +70,7 @@ include: "workflow/rules/sample.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/efficiency.smk"
+include: "workflow/rules/ablations.smk"
 
 
 localrules:

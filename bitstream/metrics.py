@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from bitstream.entropy import unigram_entropy  # noqa: F401  (public API: bitstream.metrics.unigram_entropy)
+from bitstream.entropy import per_sample_unigram_entropy
 from bitstream.io import parse_json_arg, provenance, stage_main, write_parquet
 from bitstream.progress import Progress
 
@@ -202,12 +203,15 @@ def invalid_code_rate(n_invalid, model_ids) -> float:
     return float(np.sum(np.asarray(n_invalid, dtype=np.int64))) / total if total else float("nan")
 
 
-def mauve_score(p_texts, q_texts, params: dict, max_text_length: int, device, seed: int = 0
+def mauve_score(p_texts, q_texts, params: dict, max_text_length: int, device, seed: int = 0, scorer=None
                 ) -> tuple[float, str | None]:
     """MAUVE(p = generated, q = reference) (spec §9.4) or ``(NaN, reason)`` when it cannot run.
 
-    MAUVE is not in the headline numbers; a missing optional extra, missing reference texts or a
-    featurizer that cannot be loaded offline are recorded in the row instead of failing the job.
+    Features come from ``evaluation.mauve_featurizer`` (``judge`` = the run's own judge, or a hub id /
+    local directory), computed by :mod:`bitstream.mauve_features`; ``mauve-text`` quantizes them and
+    integrates the divergence frontier. MAUVE is not in the headline numbers; a missing optional extra,
+    missing reference texts or a featurizer that cannot be loaded offline are recorded in the row
+    instead of failing the job.
     """
     if not params.get("mauve"):
         return float("nan"), "disabled (evaluation.mauve: false)"
@@ -218,9 +222,13 @@ def mauve_score(p_texts, q_texts, params: dict, max_text_length: int, device, se
     except ImportError:
         return float("nan"), "mauve-text not installed (pip install 'bitstream[mauve]')"
     try:
-        out = mauve.compute_mauve(p_text=list(p_texts), q_text=list(q_texts),
-                                  featurize_model_name=params.get("mauve_featurizer", "gpt2-large"),
-                                  max_text_length=int(max_text_length), seed=seed, verbose=False,
+        from bitstream.mauve_features import featurize, load_featurizer
+
+        model, tokenizer, pad_id, _name = load_featurizer(params.get("mauve_featurizer", "gpt2-large"),
+                                                          scorer=scorer, device=device)
+        p_feat = featurize(p_texts, model, tokenizer, pad_id, max_text_length)
+        q_feat = featurize(q_texts, model, tokenizer, pad_id, max_text_length)
+        out = mauve.compute_mauve(p_features=p_feat, q_features=q_feat, seed=seed, verbose=False,
                                   device_id=(device.index or 0) if device.type == "cuda" else -1)
     except Exception as err:  # noqa: BLE001 — recorded in the row, see docstring
         print(f"[metrics] MAUVE failed: {err}", file=sys.stderr)
@@ -233,16 +241,21 @@ def _metric_columns(texts, base_ids, model_ids, n_invalid, scorer) -> dict:
     print(f"[metrics] GenPPL {res.ppl:.3f} (NLL {res.nll:.4f} nats/token) over {res.n_scored_tokens} "
           f"tokens of {res.n_texts_scored} texts ({res.n_texts_skipped} skipped); "
           f"{res.texts_per_s:.1f} texts/s", file=sys.stderr, flush=True)
+    per_sample_entropy = per_sample_unigram_entropy([list(map(int, ids)) for ids in base_ids])
     return {
         "gen_ppl": res.ppl, "gen_nll": res.nll, "gen_bpt": res.bpt,
         "n_scored_tokens": res.n_scored_tokens, "n_texts_scored": res.n_texts_scored,
         "n_texts_skipped": res.n_texts_skipped,
-        "entropy": float(unigram_entropy([list(map(int, ids)) for ids in base_ids])),
+        "entropy": float(per_sample_entropy.mean()) if len(per_sample_entropy) else float("nan"),
         "n_samples": len(texts),
         "invalid_code_rate": invalid_code_rate(n_invalid, model_ids),
         "judge_name": scorer.name, "judge_kind": scorer.kind, "judge_dtype": scorer.dtype_name,
         "judge_context": scorer.context, "judge_device": str(scorer.device),
         "judge_batch_size": res.batch_size, "scoring_wall_time_s": res.wall_time_s,
+        # Per-sample scores in sample order, for the paired bootstrap of the ablation table
+        # (bitstream.bootstrap): summed NLL (NaN = skipped), scored tokens, unigram entropy.
+        "sample_nll": res.text_nll.tolist(), "sample_tokens": res.text_tokens.tolist(),
+        "sample_entropy": per_sample_entropy.tolist(),
     }
 
 
@@ -275,7 +288,8 @@ def metrics_row(samples_path, scorer, params: dict, reference_texts: list[str] |
     row.update(_metric_columns(df["text"].tolist(), df["base_ids"], df["model_ids"], df["n_invalid"], scorer))
     max_len = max(len(ids) for ids in df["base_ids"])
     row["mauve"], row["mauve_skipped_reason"] = mauve_score(
-        df["text"].tolist(), reference_texts, params, max_len, scorer.device, seed=int(row["seed"]))
+        df["text"].tolist(), reference_texts, params, max_len, scorer.device, seed=int(row["seed"]),
+        scorer=scorer)
     # Generation metadata is constant over a sample file; carry it. The sampler's own provenance is
     # kept under gen_* so this row's code_version/config_hash describe the metrics job.
     for col in df.columns:

@@ -282,7 +282,7 @@ def vlb_outputs(run):
 
 
 def summary_inputs(run):
-    return metric_outputs(run) + vlb_outputs(run) + [f"{RESULTS}/{run}/metrics/real.parquet"]
+    return metric_outputs(run) + ar_metric_outputs(run) + vlb_outputs(run) + [f"{RESULTS}/{run}/metrics/real.parquet"]
 
 
 def paper_numbers():
@@ -308,6 +308,7 @@ def all_outputs():
     out = data_outputs() + model_outputs()
     out += [f"{RESULTS}/{run}/summary.parquet" for run in RUNS]
     out += TABLES + FIGURES
+    out += ablation_outputs()
     return out
 
 
