@@ -84,7 +84,7 @@ def plot_frontier(s: pd.DataFrame, run: str, base_model: str, path: Path) -> Non
         ar = s[s["sampler"].astype(str) == AR_SAMPLER]
         for _, r in ar.iterrows():
             a.errorbar([r["entropy_mean"]], [r[f"{metric}_mean"]], xerr=[r["entropy_std"]],
-                       yerr=[r[f"{metric}_std"]], fmt="D", ms=8, color="C3", capsize=2,
+                       yerr=[r[f"{metric}_std"]], fmt="D", ms=8, color="k", mfc="gold", capsize=2,
                        label=f"AR reference ({r['model']})")
         real = s[s["model"] == REAL]
         if len(real) and metric == "gen_ppl":

@@ -136,7 +136,7 @@ def plot_frontier(runs: dict[str, pd.DataFrame | None], path: Path) -> None:
         is_ar = specs["sampler"].astype(str) == "ar_ancestral" if "sampler" in specs.columns else False
         for _, r in specs[is_ar].iterrows():  # the AR reference (bitstream.ar_reference): one point, no γ
             ax.errorbar([r["entropy_mean"]], [r["gen_ppl_mean"]], xerr=[r["entropy_std"]], yerr=[r["gen_ppl_std"]],
-                        fmt="D", ms=8, capsize=3, color="C3", label=f"AR reference ({r['model']})")
+                        fmt="D", ms=8, capsize=3, color="k", mfc="gold", label=f"AR reference ({r['model']})")
         specs = specs[~is_ar]
         for (model, nfe), g in specs.groupby(["model", "nfe"]):
             g = g.sort_values("gamma")
