@@ -111,7 +111,7 @@ def main(argv=None) -> None:
             rows.append((run, bits, seq_len, s, wall))
     for run, bits, seq_len, s, wall in rows:
         print(f"{run}: {args.model} ({s['n_params']:,} params), {s['step']} steps of "
-              f"{params['training'].get('batch_size')} x {seq_len} tokens x {bits} bits, {args.threads} thread(s): "
+              f"{params['training'].get('batch_size')} x {seq_len} tokens x {bits} bits, {args.threads} thread(s), subnormals {args.subnormals}: "
               f"{s['steps_per_s']:.2f} steps/s, {s['bits_per_s']:.3g} bits/s, wall {wall:.0f} s "
               f"(train loop {s['wall_time_s']:.0f} s); loss {s['loss_first']:.4f} -> {s['loss_last']:.4f}, "
               f"val (EMA) {s['val_loss_last']:.4f}; entropy tables ready at step {s['entropy_ready_step']}, "
