@@ -6,7 +6,7 @@ Every stage that runs torch calls :func:`setup_torch` first (train, judge, sampl
 (squared gradients of weights that barely move, ~1e-40) is subnormal, and so are values computed
 from it. On many x86 CPUs an arithmetic instruction with a subnormal operand or result takes a
 micro-code assist of ~100 cycles: issue 12 measured a training step of 4.5 s kept vs 0.29 s flushed.
-The AMD EPYC of the development machine shows no such penalty (0.98-1.16x;
+The AMD EPYC of the development machine shows almost none (1.01-1.08x;
 ``benchmarks/bench_train.py --subnormals both``). We *flush* them (``torch.set_flush_denormal``,
 FTZ/DAZ on the SSE control register of this thread) rather than remove their cause: the cause is
 legitimate underflow of squared gradients (any eps in AdamW acts on ``sqrt(v)``, not ``v``), a
