@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model name (default: from the checkpoint path)")
     p.add_argument("--spec-name", default=None, help="spec name (default: the config key or a generated name)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    p.add_argument("--bits", type=int, default=None, help="the run's bit width (the rule passes runs.<run>.bits; "
+                   "default: from the run's cache meta, which an imported model's run need not have)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     return p
 
@@ -169,7 +171,7 @@ def main(argv=None) -> None:
 
         num_samples, micro_batch = int(spec["num_samples"]), int(spec["micro_batch"])
         check_writable(args.out)
-        decoder = TextDecoder.from_run_dir(args.run_dir)
+        decoder = TextDecoder.from_run_dir(args.run_dir, bits=args.bits)
         model, meta = load_model(str(checkpoint), device=str(device))
         if getattr(getattr(model, "cfg", None), "representation", "bits") != "bits":
             raise ValueError(f"{checkpoint}: a token-space baseline (architecture.representation: tokens); "

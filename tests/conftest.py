@@ -58,13 +58,17 @@ def tiny_config(base: dict | None = None) -> dict:
     return cfg
 
 
+def checkout_env() -> dict[str, str]:
+    """The environment for a subprocess that runs ``python -m bitstream.<stage>`` from another folder:
+    it imports this checkout, not whatever checkout the editable install points at."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
+
+
 def snakemake(*args, cwd: Path, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
     """Run the repository's workflow with ``--directory cwd`` so outputs never land in the repo."""
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
            "--directory", str(cwd), *args]
-    # jobs run `python -m bitstream.<stage>` from `cwd`: import this checkout, not the editable install's
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=checkout_env())
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")

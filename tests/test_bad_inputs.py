@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, snakemake
+from conftest import REPO, checkout_env, snakemake
 
 torch.set_num_threads(1)
 
@@ -418,7 +418,8 @@ def test_killing_the_train_jobs_wrapper_stops_the_trainer(tmp_path):
                                                               "bits": bits, "dtype": "uint16"}))
     (tmp_path / "results" / "lm1b_web" / "logs").mkdir()
     assert params["training"]["steps"] == 100000
-    wrapper = subprocess.Popen(["bash", "-c", f"set -euo pipefail; {cmd}"], cwd=tmp_path, start_new_session=True)
+    wrapper = subprocess.Popen(["bash", "-c", f"set -euo pipefail; {cmd}"], cwd=tmp_path, start_new_session=True,
+                               env=checkout_env())
     out_dir = str(tmp_path / "results" / "lm1b_web" / "models" / "sdt_tiny")
     attempts = Path(out_dir) / "train_attempts.log"
     try:

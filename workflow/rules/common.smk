@@ -300,8 +300,11 @@ def model_outputs():
     """Every training output. They are targets of `all` as well as inputs of their consumers: Snakemake
     does not rebuild a missing *intermediate* file while the files made from it exist, so a deleted
     entropy table or final.pt would otherwise go unnoticed (issue 13)."""
-    files = ["checkpoints/final.pt", "train_log.parquet", *(f"entropy/entropy_{t}.pt" for t in ENTROPY_TABLES)]
-    return [f"{model_dir(r, m)}/{f}" for r, rc in RUNS.items() for m in rc["models"] for f in files]
+    common = ["checkpoints/final.pt", *(f"entropy/entropy_{t}.pt" for t in ENTROPY_TABLES)]
+    # a trained model also writes its log; an imported one (import_model) its provenance record
+    own = {"train": ["train_log.parquet"], "import": ["import.json"]}
+    return [f"{model_dir(r, m)}/{f}" for r, rc in RUNS.items() for m in rc["models"]
+            for f in common + own[model_source(m)]]
 
 
 def all_outputs():

@@ -24,6 +24,7 @@ rule sample:
     params:
         spec=lambda wc: arg(spec_params(wc.spec)),
         run_dir=lambda wc: run_dir(wc.run),
+        bits=lambda wc: RUNS[wc.run]["bits"],
         entropy_dir=lambda wc: f"{model_dir(wc.run, wc.model)}/entropy",
     log:
         f"{RESULTS}/{{run}}/logs/sample/{{model}}/{{spec}}/seed{{seed}}.log",
@@ -32,6 +33,6 @@ rule sample:
         **resources_from(spec_resources),
     shell:
         "exec {PY} -m bitstream.sample --checkpoint {input.checkpoint} --entropy-dir {params.entropy_dir}"
-        " --run-dir {params.run_dir} --spec {params.spec} --seed {wildcards.seed}"
+        " --run-dir {params.run_dir} --bits {params.bits} --spec {params.spec} --seed {wildcards.seed}"
         " --run {wildcards.run} --model {wildcards.model} --spec-name {wildcards.spec}"
         " --threads {threads} --out {output} > {log} 2>&1"
