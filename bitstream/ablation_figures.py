@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from bitstream.ablations import AR_SAMPLER, REAL, read_metrics  # noqa: E402
-from bitstream.io import atomic_path, parse_json_arg  # noqa: E402
+from bitstream.io import atomic_path, parse_json_arg, stage_main  # noqa: E402
 
 plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "axes.grid": True, "grid.alpha": 0.3,
                      "figure.dpi": 110})
@@ -146,6 +146,7 @@ def build_figures(metric_files, cfg: dict, out_dir) -> list[Path]:
     return paths
 
 
+@stage_main("ablation_figures")
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bitstream.ablation_figures", description=__doc__.split("\n")[0])
     ap.add_argument("--metrics", nargs="+", required=True, help="per-seed metric parquet files (and real.parquet)")

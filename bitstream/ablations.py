@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from bitstream.bootstrap import SeedScores, bootstrap_difference
-from bitstream.io import parse_json_arg, write_text
+from bitstream.io import parse_json_arg, write_text, stage_main
 
 AR_SAMPLER = "ar_ancestral"  # bitstream.ar_reference.SAMPLER
 REAL = "real"
@@ -240,6 +240,7 @@ def build_tables(metric_files, cfg: dict, out_dir) -> pd.DataFrame:
     return rows
 
 
+@stage_main("ablations")
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bitstream.ablations", description=__doc__.split("\n")[0])
     ap.add_argument("--metrics", nargs="+", required=True, help="per-seed metric parquet files (and real.parquet)")

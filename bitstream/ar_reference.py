@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bitstream.io import parse_json_arg, provenance, read_json, write_json, write_parquet
+from bitstream.io import parse_json_arg, provenance, read_json, write_json, write_parquet, stage_main
 from bitstream.train_data import derive_seed
 
 SAMPLER = "ar_ancestral"   # the 'sampler' of its rows (Table 1 labels them "AR reference")
@@ -409,6 +409,7 @@ def sample_stage(run_dir, model_dir, params: dict, seed: int, out, run: str, mod
 # CLI
 
 
+@stage_main("ar_reference")
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bitstream.ar_reference", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)

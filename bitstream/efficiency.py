@@ -73,7 +73,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bitstream.io import config_hash, code_version, parse_json_arg, write_parquet, write_text
+from bitstream.io import config_hash, code_version, parse_json_arg, write_parquet, write_text, stage_main
 
 KINDS = ("analytic", "boundary", "end_to_end", "inference")
 MEASURED = KINDS[1:]
@@ -801,6 +801,7 @@ def _settings_from_config(path) -> tuple[dict, dict]:
     return with_defaults(raw), raw
 
 
+@stage_main("efficiency")
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bitstream.efficiency", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)

@@ -47,7 +47,7 @@ from typing import Mapping
 import torch
 
 from bitstream.hub import resolve_dir, resolve_file
-from bitstream.io import atomic_path, parse_json_arg, provenance, sha256_file, write_json
+from bitstream.io import atomic_path, parse_json_arg, provenance, sha256_file, write_json, stage_main
 
 ENTROPY_FILES = tuple(f"entropy_{name}.pt" for name in ("pdf", "cdf", "sigmas", "edges"))
 UPSTREAM_SC_ABSENT = 0.0     # upstream's "no estimate yet": a zeros tensor (probability 0)
@@ -283,6 +283,7 @@ def run_import(params: Mapping, bits: int, seq_len: int, out_dir: str | Path, ru
     return record
 
 
+@stage_main("import_model")
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bitstream.import_model", description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", required=True, help="the model's config section (JSON, @file.json)")
