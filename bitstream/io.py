@@ -164,6 +164,19 @@ def glob_escape(name: str) -> str:
 
 
 @contextlib.contextmanager
+def _os_errors_name(path: Path) -> Iterator[None]:
+    """Inside the block, an OS error (also one wrapped by torch, numpy or tokenizers) becomes a
+    ``UserError`` naming ``path``; any other exception passes through unchanged."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 -- only OS errors are converted, the rest re-raised
+        os_err = _as_os_error(err)
+        if os_err is None:
+            raise
+        raise UserError(os_error_message(os_err, path, "cannot write")) from err
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
@@ -182,16 +195,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise UserError(os_error_message(err, path, "cannot write")) from err
     tmp_path = Path(tmp)
     try:
-        try:
+        with _os_errors_name(path):
             yield tmp_path
             if tmp_path.is_file():
                 os.chmod(tmp_path, 0o644)  # mkstemp creates 0600; outputs are meant to be shared
             os.replace(tmp_path, path)
-        except Exception as err:  # noqa: BLE001 -- only OS errors are converted, the rest re-raised
-            os_err = _as_os_error(err)
-            if os_err is None:
-                raise
-            raise UserError(os_error_message(os_err, path, "cannot write")) from err
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -208,17 +216,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except OSError as err:
         raise UserError(os_error_message(err, path, "cannot write")) from err
     try:
-        try:
+        with _os_errors_name(path):
             yield tmp
             os.chmod(tmp, 0o755)  # mkdtemp creates 0700: unreadable to the group on a shared cluster
             if path.exists():
                 shutil.rmtree(path)
             os.replace(tmp, path)
-        except Exception as err:  # noqa: BLE001 -- only OS errors are converted, the rest re-raised
-            os_err = _as_os_error(err)
-            if os_err is None:
-                raise
-            raise UserError(os_error_message(os_err, path, "cannot write")) from err
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
