@@ -30,6 +30,8 @@ import pandas as pd
 
 from bitstream.bootstrap import SeedScores, bootstrap_difference
 from bitstream.io import parse_json_arg, write_text, stage_main
+from bitstream.summary import read_parquet_files
+from bitstream.tables import markdown_grid
 
 AR_SAMPLER = "ar_ancestral"  # bitstream.ar_reference.SAMPLER
 REAL = "real"
@@ -42,15 +44,9 @@ CSV_COLUMNS = ["run", "role", "model", "spec", "sampler", "nfe", "gamma", "windo
 
 
 def read_metrics(files) -> pd.DataFrame:
-    frames = []
-    for f in files:
-        f = Path(f)
-        if not f.exists():
-            raise FileNotFoundError(f"{f}: metrics file not found")
-        frames.append(pd.read_parquet(f))
-    if not frames:
+    if not files:
         raise ValueError("no metrics files given")
-    return pd.concat(frames, ignore_index=True)
+    return read_parquet_files(files, "metrics")
 
 
 def seed_scores(rows: pd.DataFrame, where: str) -> dict[int, SeedScores]:
@@ -204,10 +200,7 @@ def to_markdown(rows: pd.DataFrame, level: float) -> str:
            f"the row it is compared with, with a {level:.0%} bootstrap interval — paired over (seed, sample) "
            "for diffusion rows (common random numbers), unpaired for the AR reference; * = the interval "
            "excludes 0.", ""]
-    out.append("| " + " | ".join(header) + " |")
-    out.append("|" + "|".join("---" if i < 4 else "---:" for i in range(len(header))) + "|")
-    out += ["| " + " | ".join(line) + " |" for line in body]
-    return "\n".join(out) + "\n"
+    return "\n".join(out + markdown_grid(header, body)) + "\n"
 
 
 def _tex(s: str) -> str:

@@ -99,7 +99,8 @@ def vlb_summary(vlb: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _read(files, what: str) -> pd.DataFrame:
+def read_parquet_files(files, what: str) -> pd.DataFrame:
+    """The rows of every parquet in ``files``, concatenated; a missing file is named with ``what`` it is."""
     frames = []
     for f in files:
         f = Path(f)
@@ -112,12 +113,12 @@ def _read(files, what: str) -> pd.DataFrame:
 def summarize(metric_files, real_file=None, vlb_files=()) -> pd.DataFrame:
     """The summary table from per-seed metric files, the real-data file and VLB files."""
     parts = []
-    per_seed = _read(metric_files, "metrics")
+    per_seed = read_parquet_files(metric_files, "metrics")
     if len(per_seed):
         parts.append(aggregate_seeds(per_seed))
     if real_file is not None:
-        parts.append(real_summary(_read([real_file], "real-data metrics")))
-    vlb = _read(vlb_files, "VLB")
+        parts.append(real_summary(read_parquet_files([real_file], "real-data metrics")))
+    vlb = read_parquet_files(vlb_files, "VLB")
     if len(vlb):
         parts.append(vlb_summary(vlb))
     if not parts:

@@ -119,10 +119,14 @@ def to_markdown(rows: pd.DataFrame, with_paper: bool) -> str:
            "GenPPL: mean ± sample std over seeds under each run's judge (spec §9.2); entropy: mean unigram "
            "entropy of the samples in nats (spec §9.3)."
            + (" Paper columns: published numbers, for comparison." if with_paper else ""), ""]
-    out.append("| " + " | ".join(header) + " |")
-    out.append("|" + "|".join("---" if i < 4 else "---:" for i in range(len(header))) + "|")
-    out += ["| " + " | ".join(line) + " |" for line in body]
-    return "\n".join(out) + "\n"
+    return "\n".join(out + markdown_grid(header, body)) + "\n"
+
+
+def markdown_grid(header: list[str], body: list[list[str]]) -> list[str]:
+    """A markdown table's lines: the first four columns are labels (left), the rest numbers (right)."""
+    out = ["| " + " | ".join(header) + " |",
+           "|" + "|".join("---" if i < 4 else "---:" for i in range(len(header))) + "|"]
+    return out + ["| " + " | ".join(line) + " |" for line in body]
 
 
 def _tex_escape(s: str) -> str:
