@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bitstream.cpu import setup_torch
 from bitstream.io import parse_json_arg, provenance, read_json, write_json, write_parquet, stage_main
 from bitstream.train_data import derive_seed
 
@@ -186,7 +187,7 @@ def _val_nll(model, rows: np.ndarray, bos: int, batch: int, device) -> tuple[flo
 
 
 def train_ar(run_dir, params: dict, out_dir, device: str | None = None, stop_after: int | None = None,
-             quiet: bool = False) -> dict:
+             quiet: bool = False, threads: int | None = None) -> dict:
     """Train (or resume from ``{out_dir}/checkpoints/last.pt``) the AR reference; write the EMA model
     (``model/``), ``train_log.parquet`` and, last, ``ar_meta.json``. Returns the meta."""
     import pandas as pd
@@ -211,7 +212,8 @@ def train_ar(run_dir, params: dict, out_dir, device: str | None = None, stop_aft
     dist = setup_distributed(device)
     log = (lambda *a: None) if (quiet or not dist.main) else (lambda *a: print("[ar]", *a, file=sys.stderr, flush=True))
     try:
-        torch.set_num_threads(int(t["num_threads"]) or max(1, int((p.get("resources") or {}).get("cpus", 1))))
+        # subnormals flushed, intra-op threads = the job's cpus (bitstream.cpu, issue 12)
+        setup_torch(threads or int(t["num_threads"]) or max(1, int((p.get("resources") or {}).get("cpus", 1))))
         train_rows, train_meta = load_rows(run_dir, style, "train")
         val_rows, _ = load_rows(run_dir, style, "validation")
         where = str(data_prefix(run_dir, style, "train"))
@@ -419,6 +421,7 @@ def main(argv: list[str] | None = None) -> None:
     tr.add_argument("--out-dir", required=True)
     tr.add_argument("--device", default=None)
     tr.add_argument("--stop-after", type=int, default=None, help="save checkpoints/last.pt and leave after N steps")
+    tr.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: the params' cpus)")
     sp = sub.add_parser("sample", help="ancestral samples -> a sample parquet")
     sp.add_argument("--run-dir", required=True)
     sp.add_argument("--model-dir", required=True)
@@ -433,7 +436,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         params = parse_json_arg(args.params)
         if args.cmd == "train":
-            meta = train_ar(args.run_dir, params, args.out_dir, device=args.device, stop_after=args.stop_after)
+            meta = train_ar(args.run_dir, params, args.out_dir, device=args.device, stop_after=args.stop_after,
+                            threads=args.threads or None)
             if meta.get("stopped"):
                 return
             print(f"[ar] {meta['params']:,} parameters (target {meta.get('target_params')}); "
@@ -441,10 +445,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             if args.seed < 0:
                 raise ValueError(f"--seed must be >= 0, got {args.seed}")
-            if args.threads > 0:
-                import torch
-
-                torch.set_num_threads(args.threads)
+            setup_torch(args.threads)
             df = sample_stage(args.run_dir, args.model_dir, params, args.seed, args.out, args.run, args.model,
                               device=args.device)
             print(f"[ar] wrote {args.out}: {len(df)} samples", file=sys.stderr)

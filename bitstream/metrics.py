@@ -117,8 +117,18 @@ def _score_one(scorer, window: list[int], first: int) -> float:
     return float(F.cross_entropy(logits[first - 1:-1].float(), ids[0, first:], reduction="sum"))
 
 
+# Causal LMs whose logits are exactly ``get_output_embeddings()(base_model(...).last_hidden_state)``.
+PLAIN_HEAD = frozenset({"gpt2", "gpt_neox", "llama", "mistral", "qwen2"})
+
+
 def _score_batch(scorer, chunk: list[tuple[int, list[int], int]]) -> list[float]:
-    """Σ NLL of each window of a length-sorted batch: right padding, one cross-entropy call."""
+    """Σ NLL of each window of a length-sorted batch: right padding, one cross-entropy call.
+
+    The output head runs only on the positions whose next token is scored. A judge's head is a
+    [width × vocabulary] matmul — for GPT-2 as large as its twelve blocks together — and padding, the
+    last position of each window and a right-aligned window's context positions predict nothing that
+    is scored, so their logits would be computed, log-softmaxed and thrown away.
+    """
     import torch
     import torch.nn.functional as F
 
@@ -126,17 +136,24 @@ def _score_batch(scorer, chunk: list[tuple[int, list[int], int]]) -> list[float]
     # Built in numpy, one tensor each: per-row tensor copies cost more than the model on tiny judges.
     ids = np.full((len(chunk), longest), scorer.pad_id, dtype=np.int64)
     mask = np.zeros((len(chunk), longest), dtype=np.int64)
-    targets = np.full((len(chunk), longest), -100, dtype=np.int64)  # -100: not scored
+    nxt = np.full((len(chunk), longest), -1, dtype=np.int64)  # the token position j predicts; -1: none
     for row, (_, w, first) in enumerate(chunk):
         ids[row, :len(w)] = w
         mask[row, :len(w)] = 1
-        targets[row, first:len(w)] = w[first:]
-    ids, mask, targets = (torch.from_numpy(a).to(scorer.device) for a in (ids, mask, targets))
-    logits = scorer.model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        nxt[row, first - 1:len(w) - 1] = w[first:]
+    rows, cols = np.nonzero(nxt >= 0)
+    ids, mask = (torch.from_numpy(a).to(scorer.device) for a in (ids, mask))
+    at = (torch.from_numpy(rows).to(scorer.device), torch.from_numpy(cols).to(scorer.device))
+    model = scorer.model
+    if getattr(model.config, "model_type", None) in PLAIN_HEAD:
+        logits = model.get_output_embeddings()(model.base_model(input_ids=ids, attention_mask=mask)
+                                               .last_hidden_state[at])
+    else:  # a head that does more than a linear map of the last hidden state (e.g. logit soft-capping)
+        logits = model(input_ids=ids, attention_mask=mask).logits[at]
     # fp32 log-probabilities whatever the judge's dtype (bf16 on CUDA)
-    nll = F.cross_entropy(logits.float().flatten(0, 1), targets[:, 1:].flatten(), ignore_index=-100,
-                          reduction="none").view(len(chunk), -1)
-    return nll.double().sum(1).tolist()
+    nll = F.cross_entropy(logits.float(), torch.from_numpy(nxt[rows, cols]).to(scorer.device), reduction="none")
+    sums = torch.zeros(len(chunk), dtype=torch.float64, device=nll.device).index_add_(0, at[0], nll.double())
+    return sums.tolist()
 
 
 def gen_ppl(texts, scorer, batch_size: int | None = None, progress: bool = False) -> GenPPLResult:

@@ -143,6 +143,23 @@ def test_batched_equals_one_at_a_time(scorer):
     np.testing.assert_allclose(batched.text_nll, one.text_nll, rtol=1e-5, equal_nan=True)
 
 
+def test_scoring_shortcuts_change_nothing_but_rounding(judge_dir, scorer, monkeypatch):
+    """The fused GELU and the head run on scored positions only (issue 12) against the model exactly as
+    published, scored one text at a time (upstream) and batched through the full-logits path."""
+    published = judge_mod.load_judge(judge_dir, device="cpu", fused_gelu=False)
+    assert published.model.config.activation_function == "gelu_new"
+    assert scorer.model.config.activation_function == "gelu_pytorch_tanh"
+    texts = random_texts(30, seed=2) + [" ".join(WORDS[:19])]  # one text spans windows
+    upstream = metrics.gen_ppl(texts, published, batch_size=1)
+    fast = metrics.gen_ppl(texts, scorer, batch_size=5)
+    monkeypatch.setattr(metrics, "PLAIN_HEAD", frozenset())  # the generic path: full logits, then gather
+    full_logits = metrics.gen_ppl(texts, published, batch_size=5)
+    for res in (fast, full_logits):
+        assert res.n_scored_tokens == upstream.n_scored_tokens
+        assert res.ppl == pytest.approx(upstream.ppl, rel=1e-6)
+        np.testing.assert_allclose(res.text_nll, upstream.text_nll, rtol=1e-5)
+
+
 def test_unigram_entropy_closed_forms():
     # hand computed: [1,1,2,3] -> p = (1/2, 1/4, 1/4) -> 1.5 ln 2; [5,5] -> 0; mean of both
     assert metrics.unigram_entropy([[1, 1, 2, 3]]) == pytest.approx(1.5 * math.log(2))

@@ -201,3 +201,18 @@ def test_declared_threads_equal_the_threads_each_job_uses(tmp_path, default_conf
     out = snakemake("-n", "-p", "--cores", "2", "all", "--configfile", str(path), cwd=tmp_path).stdout
     train = next(j for j in _dry_run_jobs(out) if j["rule"] == "train")
     assert train["threads"] == 2 and "--threads 2" in train["shell"]
+
+
+def test_ar_reference_jobs_declare_the_threads_they_use(tmp_path):
+    """The AR reference's training and sampling (config/ablations.yaml) follow the same accounting."""
+    import re
+
+    cfg = yaml.safe_load((REPO / "config" / "ablations.yaml").read_text())
+    cfg["ar_models"]["ar_ref"]["resources"]["cpus"] = 2
+    path = _write(tmp_path / "abl.yaml", cfg)
+    out = snakemake("-n", "-p", "--cores", "4", "all", "--configfile", str(path), cwd=tmp_path).stdout
+    ar_jobs = [j for j in _dry_run_jobs(out) if j["rule"] in ("ar_train", "ar_sample")]
+    assert {j["rule"] for j in ar_jobs} == {"ar_train", "ar_sample"}
+    for job in ar_jobs:
+        assert job["threads"] == 2 and re.findall(r"--threads (\d+)", job["shell"]) == ["2"], job
+        assert "cpus_per_task=2" in job["resources"], job

@@ -114,11 +114,13 @@ rule ar_train:
         out_dir=lambda wc: ar_dir(wc.run, wc.model),
     log:
         f"{RESULTS}/{{run}}/logs/ar_train_{{model}}.log",
+    priority: TRAINING_PRIORITY
+    threads: threads_from(ar_resources)
     resources:
         **resources_from(ar_resources),
     shell:
-        "{PY} -m bitstream.ar_reference train --run-dir {params.run_dir} --params {params.cfg}"
-        " --out-dir {params.out_dir} > {log} 2>&1"
+        "exec {PY} -m bitstream.ar_reference train --run-dir {params.run_dir} --params {params.cfg}"
+        " --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"
 
 
 rule ar_sample:
@@ -136,12 +138,13 @@ rule ar_sample:
         model_dir=lambda wc: ar_dir(wc.run, wc.model),
     log:
         f"{RESULTS}/{{run}}/logs/sample/{{model}}/{AR_SPEC}/seed{{seed}}.log",
+    threads: threads_from(ar_resources)
     resources:
         **resources_from(ar_resources),
     shell:
-        "{PY} -m bitstream.ar_reference sample --run-dir {params.run_dir} --model-dir {params.model_dir}"
+        "exec {PY} -m bitstream.ar_reference sample --run-dir {params.run_dir} --model-dir {params.model_dir}"
         " --params {params.cfg} --seed {wildcards.seed} --run {wildcards.run} --model {wildcards.model}"
-        " --threads {resources.cpus_per_task} --out {output} > {log} 2>&1"
+        " --threads {threads} --out {output} > {log} 2>&1"
 
 
 # An AR model's sample file also matches `sample`'s pattern; its constraints and this order settle it.

@@ -28,6 +28,7 @@ rule train:
         seq_len=lambda wc: RUNS[wc.run]["seq_len"],
     log:
         f"{RESULTS}/{{run}}/logs/train_{{model}}.log",
+    priority: TRAINING_PRIORITY
     threads: threads_from(model_resources)
     resources:
         **resources_from(model_resources),
