@@ -220,11 +220,15 @@ def resources_from(get):
     return res
 
 
-# Trainings (diffusion models, judges, AR references) are the long jobs and the only ones that others
-# wait on in bulk; started first, they run side by side instead of one of them alone on a core at the
-# end while the other cores idle (measured: the last of 5 ablation trainings, started behind 60
-# sampling jobs, ran 6 minutes with one of two cores idle).
-TRAINING_PRIORITY = 10
+# Scheduling order among ready jobs (Snakemake `priority:`; higher first). Trainings are the long jobs
+# that everything else waits on: started first, they run side by side instead of one of them alone on
+# a core at the end while the other cores idle (measured: the last of 5 ablation trainings, started
+# behind 60 sampling jobs, ran 6 minutes with one of two cores idle). The short data stages feed them,
+# so they go first of all; judges next (a judge given the trainings' priority took both cores before
+# the token caches were built and delayed both trainings by 90 s in the embedded default).
+DATA_PRIORITY = 30
+TRAINING_PRIORITY = 20
+JUDGE_PRIORITY = 10
 
 
 def threads_from(get):

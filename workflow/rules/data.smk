@@ -19,6 +19,7 @@ rule corpus:
         out_dir=lambda wc: f"{RESULTS}/{wc.run}/corpus",
     log:
         f"{RESULTS}/{{run}}/logs/corpus.log",
+    priority: DATA_PRIORITY
     threads: threads_from(data_resources)
     resources:
         **resources_from(data_resources),
@@ -37,6 +38,7 @@ rule tokenizer:
         out_dir=lambda wc: f"{RESULTS}/{wc.run}/tokenizer/base",
     log:
         f"{RESULTS}/{{run}}/logs/tokenizer.log",
+    priority: DATA_PRIORITY
     threads: threads_from(data_resources)
     resources:
         **resources_from(data_resources),
@@ -63,6 +65,7 @@ rule token_cache:
         prefix=lambda wc: f"{RESULTS}/{wc.run}/cache/{wc.split}",
     log:
         f"{RESULTS}/{{run}}/logs/token_cache_{{split}}.log",
+    priority: DATA_PRIORITY
     threads: threads_from(data_resources)
     resources:
         **resources_from(data_resources),
@@ -95,6 +98,7 @@ rule code_tokenizer:
         out_dir=lambda wc: f"{RESULTS}/{wc.run}/tokenizer/code",
     log:
         f"{RESULTS}/{{run}}/logs/code_tokenizer.log",
+    priority: DATA_PRIORITY
     threads: threads_from(data_resources)
     resources:
         **resources_from(data_resources),
@@ -120,6 +124,7 @@ rule code_cache:
         prefix=lambda wc: f"{RESULTS}/{wc.run}/cache/{wc.split}",
     log:
         f"{RESULTS}/{{run}}/logs/code_cache_{{split}}.log",
+    priority: DATA_PRIORITY
     threads: threads_from(data_resources)
     resources:
         **resources_from(data_resources),

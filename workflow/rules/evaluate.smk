@@ -26,7 +26,7 @@ rule judge:
         name=lambda wc: RUNS[wc.run]["judge"],
     log:
         f"{RESULTS}/{{run}}/logs/judge.log",
-    priority: TRAINING_PRIORITY
+    priority: JUDGE_PRIORITY
     threads: threads_from(judge_resources)
     resources:
         **resources_from(judge_resources),
