@@ -221,11 +221,11 @@ def resources_from(get):
 
 
 # Scheduling order among ready jobs (Snakemake `priority:`; higher first). Trainings are the long jobs
-# that everything else waits on: started first, they run side by side instead of one of them alone on
-# a core at the end while the other cores idle (measured: the last of 5 ablation trainings, started
-# behind 60 sampling jobs, ran 6 minutes with one of two cores idle). The short data stages feed them,
-# so they go first of all; judges next (a judge given the trainings' priority took both cores before
-# the token caches were built and delayed both trainings by 90 s in the embedded default).
+# that everything else waits on, so they start first rather than one of them alone on a core at the end
+# (seen once in config/ablations.yaml: 6 minutes with one of two cores idle; the total did not change,
+# 41 min 37 s before and 42 min 0 s after, as trainings side by side run slower). The short data stages
+# feed them and go first of all; judges after trainings (a judge at the trainings' priority took both
+# cores before the token caches were built and delayed both trainings by 90 s in the embedded default).
 DATA_PRIORITY = 30
 TRAINING_PRIORITY = 20
 JUDGE_PRIORITY = 10
